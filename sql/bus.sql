@@ -1,0 +1,124 @@
+-- The job bus as seen from the SQL functions' autonomous connection (role themis_bus).
+-- Idempotent: re-applied by every revision.  These SECURITY DEFINER functions are all that
+-- role may do: it has no rights on any table.
+
+CREATE OR REPLACE FUNCTION themis.config_value(p_key text) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+    SELECT value FROM themis.config WHERE key = p_key
+$$;
+
+CREATE OR REPLACE FUNCTION themis.live_worker_exists(p_kind text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM themis.workers w
+        WHERE p_kind = ANY (w.kinds)
+          AND w.heartbeat_at > now()
+              - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8))
+$$;
+
+-- Queue a job and wake the workers.  Fails at once (no waiting) when no worker is alive or
+-- the queue is full, so a caller never waits on work nobody will do.
+CREATE OR REPLACE FUNCTION themis.bus_submit(
+    p_kind text, p_payload jsonb, p_requested_by name, p_caller_pid integer,
+    p_caller_started timestamptz, p_reply_channel text, p_reply_token text,
+    p_timeout_s double precision
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+DECLARE
+    v_depth bigint;
+    v_max   bigint := (themis.config_value('max_queue_depth') #>> '{}')::bigint;
+    v_id    bigint;
+BEGIN
+    IF NOT themis.live_worker_exists(p_kind) THEN
+        RAISE EXCEPTION 'no themis worker is running for % jobs', p_kind
+            USING ERRCODE = '55000',
+                  HINT = 'Start one with `themis worker` (or `themis demo`); themis_status() lists live workers.';
+    END IF;
+    SELECT count(*) INTO v_depth FROM themis.jobs WHERE status = 'queued';
+    IF v_depth >= v_max THEN
+        RAISE EXCEPTION 'themis job queue is full (% queued jobs, limit %)', v_depth, v_max
+            USING ERRCODE = '53000',
+                  HINT = 'Retry later, add workers, or raise max_queue_depth in themis.config.';
+    END IF;
+    INSERT INTO themis.jobs (kind, payload, requested_by, caller_pid, caller_started,
+                             reply_channel, reply_token, deadline, max_attempts)
+    VALUES (p_kind, p_payload, p_requested_by, p_caller_pid, p_caller_started,
+            p_reply_channel, p_reply_token, now() + make_interval(secs => p_timeout_s),
+            (themis.config_value('max_attempts') #>> '{}')::integer)
+    RETURNING id INTO v_id;
+    PERFORM pg_notify('themis_jobs', p_kind);
+    RETURN v_id;
+END
+$$;
+
+-- The job's state for its waiter.  A finished job's internal result is handed over once and
+-- then cleared: it may hold ids of rows the caller cannot see.
+CREATE OR REPLACE FUNCTION themis.bus_take(p_id bigint, p_token text)
+RETURNS TABLE (status text, result jsonb, answer text, error text, error_sqlstate text,
+               worker_alive boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+DECLARE
+    r themis.jobs%ROWTYPE;
+BEGIN
+    SELECT * INTO r FROM themis.jobs j WHERE j.id = p_id AND j.reply_token = p_token;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF r.status IN ('done', 'failed', 'cancelled') THEN
+        UPDATE themis.jobs j SET result = NULL WHERE j.id = p_id AND j.result IS NOT NULL;
+        RETURN QUERY SELECT r.status, r.result, r.answer, r.error, r.error_sqlstate, true;
+    ELSE
+        RETURN QUERY SELECT r.status, NULL::jsonb, NULL::text, NULL::text, NULL::text,
+                            themis.live_worker_exists(r.kind);
+    END IF;
+END
+$$;
+
+-- The waiter gave up (cancel, timeout, no worker): free the worker's slot.
+CREATE OR REPLACE FUNCTION themis.bus_cancel(p_id bigint, p_token text, p_reason text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+BEGIN
+    UPDATE themis.jobs j
+       SET status = 'cancelled', error = p_reason, error_sqlstate = '57014',
+           result = NULL, finished_at = now()
+     WHERE j.id = p_id AND j.reply_token = p_token AND j.status IN ('queued', 'running');
+    IF FOUND THEN
+        PERFORM pg_notify('themis_cancel', p_id::text);
+        RETURN true;
+    END IF;
+    RETURN false;
+END
+$$;
+
+REVOKE ALL ON FUNCTION themis.config_value(text), themis.live_worker_exists(text),
+    themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
+    themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
+    themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) TO themis_bus;
+GRANT EXECUTE ON FUNCTION themis.config_value(text), themis.live_worker_exists(text)
+    TO themis_bus, themis_user;
+
+-- What any themis user may know about the service: no document counts (RLS may hide rows),
+-- no other users' jobs.
+CREATE OR REPLACE FUNCTION public.themis_status() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+    SELECT jsonb_build_object(
+        'workers', COALESCE((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'id', w.id, 'kinds', w.kinds, 'heartbeat_at', w.heartbeat_at,
+                       'started_at', w.started_at, 'stats', w.stats) ORDER BY w.id)
+              FROM themis.workers w
+             WHERE w.heartbeat_at > now()
+                   - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)
+        ), '[]'::jsonb),
+        'queued', (SELECT count(*) FROM themis.jobs WHERE status = 'queued'),
+        'running', (SELECT count(*) FROM themis.jobs WHERE status = 'running'),
+        'embedding_model', (SELECT embedding_model FROM themis.corpus),
+        'models', COALESCE((SELECT jsonb_agg(jsonb_build_object('name', name, 'kind', kind,
+                                   'default', is_default) ORDER BY kind, name)
+                              FROM themis.models), '[]'::jsonb))
+$$;
+REVOKE ALL ON FUNCTION public.themis_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.themis_status() TO themis_user;

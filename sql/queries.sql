@@ -1,0 +1,157 @@
+-- Named queries of the worker's side of the job bus, loaded by themis_pg/bus/queries.py.
+-- Each starts with a "-- name: <name>" line.  Parameters are psycopg %(name)s placeholders.
+-- Rule: NOTIFY wakes, the table decides.  Every state change is one statement, guarded by
+-- the state it expects, so two workers can never both finish a job.
+
+-- name: claim
+-- Take up to %(limit)s queued jobs of the given kinds, oldest first, skipping rows another
+-- worker is claiming right now.  The lease must be renewed by heartbeats.
+WITH picked AS (
+    SELECT id FROM themis.jobs
+     WHERE status = 'queued' AND kind = ANY (%(kinds)s) AND deadline > now()
+     ORDER BY id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE themis.jobs j
+   SET status = 'running', worker_id = %(worker_id)s, attempts = j.attempts + 1,
+       started_at = now(), lease_until = now() + make_interval(secs => %(lease)s)
+  FROM picked
+ WHERE j.id = picked.id
+RETURNING j.id, j.kind, j.payload, j.attempts, j.max_attempts,
+          extract(epoch FROM j.deadline - now())::float8 AS remaining_s;
+
+-- name: finish
+WITH done AS (
+    UPDATE themis.jobs
+       SET status = 'done', result = %(result)s, answer = %(answer)s, finished_at = now(),
+           lease_until = NULL
+     WHERE id = %(id)s AND worker_id = %(worker_id)s AND status = 'running'
+    RETURNING id, reply_channel
+)
+SELECT pg_notify(reply_channel, id::text) FROM done;
+
+-- name: fail
+WITH failed AS (
+    UPDATE themis.jobs
+       SET status = 'failed', error = %(error)s, error_sqlstate = %(sqlstate)s,
+           finished_at = now(), lease_until = NULL
+     WHERE id = %(id)s AND worker_id = %(worker_id)s AND status = 'running'
+    RETURNING id, reply_channel
+)
+SELECT pg_notify(reply_channel, id::text) FROM failed;
+
+-- name: release
+-- Clean shutdown: hand our running jobs back without counting the attempt.
+WITH released AS (
+    UPDATE themis.jobs
+       SET status = 'queued', worker_id = NULL, lease_until = NULL,
+           attempts = greatest(attempts - 1, 0)
+     WHERE worker_id = %(worker_id)s AND status = 'running'
+       AND (%(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[]))
+    RETURNING kind
+)
+SELECT pg_notify('themis_jobs', kind) FROM released;
+
+-- name: register
+INSERT INTO themis.workers (id, host, pid, kinds, started_at, heartbeat_at, stats)
+VALUES (%(worker_id)s, %(host)s, %(pid)s, %(kinds)s, now(), now(), %(stats)s)
+ON CONFLICT (id) DO UPDATE
+   SET host = EXCLUDED.host, pid = EXCLUDED.pid, kinds = EXCLUDED.kinds,
+       started_at = now(), heartbeat_at = now(), stats = EXCLUDED.stats;
+
+-- name: deregister
+DELETE FROM themis.workers WHERE id = %(worker_id)s;
+
+-- name: heartbeat
+-- Renew our leases and say we are alive; returns whether our row still exists.
+WITH leases AS (
+    UPDATE themis.jobs
+       SET lease_until = now() + make_interval(secs => %(lease)s)
+     WHERE worker_id = %(worker_id)s AND status = 'running'
+)
+UPDATE themis.workers
+   SET heartbeat_at = now(), stats = %(stats)s, watermark = %(watermark)s::text::xid8
+ WHERE id = %(worker_id)s
+RETURNING id;
+
+-- name: cancelled_among
+-- Which of the jobs we are running were cancelled by their callers.
+SELECT id FROM themis.jobs WHERE id = ANY (%(ids)s) AND status = 'cancelled';
+
+-- name: reap_lost
+-- Jobs whose worker stopped renewing the lease: back to the queue, or failed for good
+-- after max_attempts.  Waiters of failed jobs and idle workers are woken.
+WITH lost AS (
+    UPDATE themis.jobs
+       SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+           error = CASE WHEN attempts >= max_attempts
+                        THEN format('the worker running this job was lost %%s times '
+                                    '(last: %%s)', attempts, worker_id) END,
+           error_sqlstate = CASE WHEN attempts >= max_attempts THEN 'XX000' END,
+           finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+           worker_id = CASE WHEN attempts >= max_attempts THEN worker_id END,
+           lease_until = NULL
+     WHERE status = 'running' AND lease_until < now()
+    RETURNING id, status, kind, reply_channel
+)
+SELECT id, status,
+       pg_notify(CASE WHEN status = 'failed' THEN reply_channel ELSE 'themis_jobs' END,
+                 CASE WHEN status = 'failed' THEN id::text ELSE kind END)
+  FROM lost;
+
+-- name: cancel_orphans
+-- Jobs nobody waits for any more: the calling backend is gone (client disconnected,
+-- backend killed) or the deadline passed.
+WITH orphans AS (
+    UPDATE themis.jobs j
+       SET status = 'cancelled',
+           error = CASE WHEN j.deadline < now() THEN 'deadline passed'
+                        ELSE 'calling session went away' END,
+           error_sqlstate = '57014', result = NULL, finished_at = now()
+     WHERE j.status IN ('queued', 'running')
+       AND (j.deadline < now()
+            OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                            WHERE a.pid = j.caller_pid AND a.backend_start = j.caller_started))
+    RETURNING j.id
+)
+SELECT id, pg_notify('themis_cancel', id::text) FROM orphans;
+
+-- name: prune_jobs
+DELETE FROM themis.jobs
+ WHERE finished_at < now() - make_interval(secs => %(retention)s);
+
+-- name: prune_workers
+DELETE FROM themis.workers WHERE heartbeat_at < now() - interval '1 day';
+
+-- name: prune_changes
+-- Changes below every live worker's watermark are no longer needed by anyone (a worker
+-- that starts later loads the whole table).
+DELETE FROM themis.changes
+ WHERE xid < coalesce((SELECT min(watermark) FROM themis.workers
+                        WHERE heartbeat_at > now() - interval '1 hour'),
+                      pg_snapshot_xmin(pg_current_snapshot()));
+
+-- name: snapshot_xmin
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+
+-- name: changes_since
+SELECT seq, xid::text::bigint AS xid, doc_id, op FROM themis.changes
+ WHERE xid >= %(watermark)s::text::xid8
+ ORDER BY seq;
+
+-- name: documents_by_id
+SELECT id, embedding, CASE WHEN embedding IS NULL THEN content END AS content
+  FROM themis.documents WHERE id = ANY (%(ids)s);
+
+-- name: store_embedding
+-- Written only if the row still holds the text we embedded.
+UPDATE themis.documents SET embedding = %(embedding)s, updated_at = now()
+ WHERE id = %(id)s AND embedding IS NULL AND content = %(content)s;
+
+-- name: corpus
+SELECT embedding_model, dim FROM themis.corpus;
+
+-- name: claim_corpus
+INSERT INTO themis.corpus (embedding_model, dim) VALUES (%(model)s, %(dim)s)
+ON CONFLICT (singleton) DO NOTHING;

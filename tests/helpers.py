@@ -1,0 +1,81 @@
+"""Small helpers shared by the database tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from themis_pg.resources import sample_corpus_dir
+
+QUESTIONS_FILE = sample_corpus_dir().parent / "sample_questions.jsonl"
+
+
+def sample_questions() -> list[dict[str, str]]:
+    return [json.loads(line) for line in QUESTIONS_FILE.read_text().splitlines() if line.strip()]
+
+
+def one(dsn: str, sql: str, params: Any = None) -> Any:
+    """First column of the first row, on a fresh autocommit connection."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+
+def sqlstate_of(dsn: str, sql: str, params: Any = None) -> tuple[str | None, str]:
+    """Run ``sql`` expecting an error; return (SQLSTATE, message)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn.execute(sql, params)
+        except psycopg.Error as exc:
+            return exc.sqlstate, str(exc)
+    raise AssertionError(f"no error from {sql!r}")
+
+
+def source_names(rag_json: dict[str, Any]) -> list[str]:
+    return [Path(s["source"]).name for s in rag_json["sources"] if s.get("source")]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Call(threading.Thread):
+    """Run one SQL call in a thread on its own connection; keep its result or error."""
+
+    def __init__(self, dsn: str, sql: str, params: Any = None, setup: str | None = None) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.sql, self.params, self.setup = dsn, sql, params, setup
+        self.result: Any = None
+        self.error: psycopg.Error | None = None
+        self.pid: int | None = None
+        self.elapsed = 0.0
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                self.pid = conn.info.backend_pid
+                if self.setup:
+                    conn.execute(self.setup)
+                self.ready.set()
+                row = conn.execute(self.sql, self.params).fetchone()
+                self.result = None if row is None else row[0]
+        except psycopg.Error as exc:
+            self.error = exc
+        finally:
+            self.ready.set()
+            self.elapsed = time.monotonic() - started

@@ -1,0 +1,56 @@
+"""Prompt building under a token budget (pure logic; a word counts as a token here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from themis_pg.bus.queries import parse_named_queries, queries
+from themis_pg.errors import ContextOverflow
+from themis_pg.generation.prompt import Context, build_raw_prompt, build_rag_prompt
+
+
+def count(text: str) -> int:
+    return len(text.split())
+
+
+def truncate(text: str, n: int) -> str:
+    return " ".join(text.split()[:n])
+
+
+def test_all_sources_fit_in_rank_order():
+    ctxs = [Context(1, "alpha beta", "a.md"), Context(2, "gamma", None)]
+    built = build_rag_prompt("what?", ctxs, n_ctx=1000, max_tokens=100, count_tokens=count,
+                             truncate=truncate)
+    user = built.messages[-1]["content"]
+    assert built.contexts_used == 2
+    assert user.index("[1] (a.md)") < user.index("[2]") < user.index("Question: what?")
+
+
+def test_low_ranked_sources_are_dropped_or_cut_to_fit():
+    long = " ".join(["word"] * 400)
+    ctxs = [Context(1, long), Context(2, long), Context(3, long)]
+    built = build_rag_prompt("q", ctxs, n_ctx=1000, max_tokens=100, count_tokens=count,
+                             truncate=truncate)
+    assert built.contexts_used == 2  # the second one cut short, the third dropped
+    assert count(built.messages[-1]["content"]) + count(built.messages[0]["content"]) <= 1000 - 100
+    assert "[3]" not in built.messages[-1]["content"]
+
+
+def test_question_too_long_is_a_context_overflow():
+    with pytest.raises(ContextOverflow, match="context window of 100"):
+        build_rag_prompt(" ".join(["w"] * 200), [], n_ctx=100, max_tokens=10,
+                         count_tokens=count, truncate=truncate)
+
+
+def test_raw_prompt_too_long():
+    with pytest.raises(ContextOverflow):
+        build_raw_prompt(" ".join(["w"] * 90), n_ctx=100, max_tokens=20, count_tokens=count)
+    assert build_raw_prompt("short", n_ctx=100, max_tokens=20, count_tokens=count).contexts_used == 0
+
+
+def test_named_queries_parse():
+    parsed = parse_named_queries("-- name: a\nSELECT 1;\n-- name: b\n-- comment\nSELECT 2;\n")
+    assert parsed == {"a": "SELECT 1;", "b": "-- comment\nSELECT 2;"}
+    with pytest.raises(ValueError):
+        parse_named_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+    assert {"claim", "finish", "fail", "reap_lost", "cancel_orphans"} <= set(queries())

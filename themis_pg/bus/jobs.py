@@ -1,0 +1,97 @@
+"""Claim, finish, fail, renew and reap jobs: each a single guarded statement.
+
+Every method runs in its own short transaction on an autocommit connection: a worker never
+holds a row lock or an open transaction while a model runs.  Whether a ``finish`` counted is
+returned, because a job may have been cancelled or taken over while we worked on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from .queries import query
+
+JOB_KINDS = ("search", "embed", "generate")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: everything the worker needs to serve it is in ``payload``."""
+
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    remaining_s: float
+
+
+class JobStore:
+    """The jobs and workers tables, seen from one worker connection (autocommit)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
+        if not conn.autocommit:
+            raise ValueError("JobStore needs an autocommit connection")
+        self.conn = conn
+        self.worker_id = worker_id
+
+    def _run(self, name: str, **params: Any) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(query(name), params)
+        return cur.fetchall() if cur.description else []
+
+    # -- workers -----------------------------------------------------------------------
+    def register(self, kinds: Sequence[str], stats: dict[str, Any]) -> None:
+        self._run("register", worker_id=self.worker_id, host=os.uname().nodename,
+                  pid=os.getpid(), kinds=list(kinds), stats=Jsonb(stats))
+
+    def deregister(self) -> None:
+        self._run("deregister", worker_id=self.worker_id)
+
+    def heartbeat(self, lease_s: float, stats: dict[str, Any], watermark: int | None) -> bool:
+        """Renew leases; False if our worker row is gone (pruned) and must be re-registered."""
+        rows = self._run("heartbeat", worker_id=self.worker_id, lease=lease_s,
+                         stats=Jsonb(stats), watermark=None if watermark is None else str(watermark))
+        return bool(rows)
+
+    # -- jobs --------------------------------------------------------------------------
+    def claim(self, kinds: Sequence[str], limit: int, lease_s: float) -> list[Job]:
+        rows = self._run("claim", kinds=list(kinds), limit=limit, lease=lease_s,
+                         worker_id=self.worker_id)
+        return [Job(id=r[0], kind=r[1], payload=r[2], attempts=r[3], max_attempts=r[4],
+                    remaining_s=r[5]) for r in sorted(rows)]
+
+    def finish(self, job_id: int, result: dict[str, Any], answer: str | None = None) -> bool:
+        return bool(self._run("finish", id=job_id, worker_id=self.worker_id,
+                              result=Jsonb(result), answer=answer))
+
+    def fail(self, job_id: int, error: str, sqlstate: str) -> bool:
+        return bool(self._run("fail", id=job_id, worker_id=self.worker_id, error=error,
+                              sqlstate=sqlstate))
+
+    def release(self, ids: Sequence[int] | None = None) -> int:
+        """Put our running jobs (or just ``ids``) back in the queue, attempt not counted."""
+        return len(self._run("release", worker_id=self.worker_id,
+                             ids=None if ids is None else list(ids)))
+
+    def cancelled_among(self, ids: Sequence[int]) -> set[int]:
+        if not ids:
+            return set()
+        return {r[0] for r in self._run("cancelled_among", ids=list(ids))}
+
+    # -- housekeeping (any worker may do it; all statements are idempotent) -----------------
+    def reap_lost(self) -> list[tuple[int, str]]:
+        return [(r[0], r[1]) for r in self._run("reap_lost")]
+
+    def cancel_orphans(self) -> list[int]:
+        return [r[0] for r in self._run("cancel_orphans")]
+
+    def prune(self, retention_s: float) -> None:
+        self._run("prune_jobs", retention=retention_s)
+        self._run("prune_workers")
+        self._run("prune_changes")

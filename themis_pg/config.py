@@ -1,0 +1,107 @@
+"""All configuration in one place: ``THEMIS_*`` environment variables, each field described.
+
+Connection parameters follow libpq: ``THEMIS_DSN`` (or ``--dsn``) names the database; when it is
+unset the CLI uses the embedded cluster it manages under ``THEMIS_HOME``.  Settings read inside
+PostgreSQL (limits, timeouts) live in the ``themis.config`` table instead, so callers cannot
+change them with ``SET``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    """State directory: a system path for root (the server runs as another OS user, who
+    cannot enter /root), the XDG data directory otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/themis")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "themis"
+
+
+def _default_model_cache() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "themis" / "models"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings for the CLI and the worker."""
+
+    model_config = SettingsConfigDict(env_prefix="THEMIS_", extra="ignore")
+
+    dsn: str | None = Field(
+        default=None,
+        description="libpq connection string or URL of the database; unset = embedded cluster.",
+    )
+    home: Path = Field(
+        default_factory=_default_home,
+        description="State directory of the embedded cluster (data, socket, logs, pid files).",
+    )
+    port: int = Field(default=54329, description="Port of the embedded cluster.")
+    listen_addresses: str = Field(
+        default="",
+        description="TCP addresses the embedded cluster listens on ('' = unix socket only).",
+    )
+    max_connections: int = Field(
+        default=300,
+        description="max_connections of the embedded cluster: every calling session holds a "
+        "second (bus) connection while it waits, so size it at 2x clients + workers.",
+    )
+    model_cache: Path = Field(
+        default_factory=_default_model_cache,
+        description="Where default models are unpacked and converted, keyed by sha256.",
+    )
+    generation_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Name (in themis.models) of the generation model the worker serves; "
+        "empty = the default generation model registered there.",
+    )
+    embedding_model: str = Field(
+        default="all-minilm-l6-v2",
+        description="Name (in themis.models) of the embedding model for queries and ingest.",
+    )
+    n_ctx: int = Field(default=4096, description="Context window (tokens) of the generation model.")
+    n_threads: int | None = Field(
+        default=None, description="CPU threads for llama.cpp (None = all cores)."
+    )
+    n_gpu_layers: int = Field(
+        default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
+    )
+    retrieval_backend: str = Field(
+        default="auto", description="'auto' (CuPy when a GPU is usable), 'numpy' or 'cupy'."
+    )
+    worker_id: str | None = Field(
+        default=None, description="Identity of this worker in themis.workers (default host:pid)."
+    )
+    poll_interval: float = Field(
+        default=1.0,
+        description="Seconds between polls of the jobs table; bounds the cost of a lost NOTIFY.",
+    )
+    heartbeat_interval: float = Field(
+        default=2.0, description="Seconds between worker heartbeats (lease renewal, reaping)."
+    )
+    lease: float = Field(
+        default=15.0,
+        description="Seconds a claimed job stays leased without a heartbeat before another "
+        "worker may take it over.",
+    )
+    search_batch: int = Field(default=64, description="Most search/embed jobs claimed at once.")
+    job_retention: float = Field(
+        default=3600.0, description="Seconds finished jobs are kept before the worker prunes them."
+    )
+    log_level: str = Field(default="INFO", description="Logging level of the CLI and the worker.")
+
+    def worker_identity(self) -> str:
+        """A stable, human-readable worker id: host:pid unless THEMIS_WORKER_ID is set."""
+        return self.worker_id or f"{os.uname().nodename}:{os.getpid()}"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit (CLI) overrides applied on top."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]

@@ -1,0 +1,215 @@
+"""Sentence embeddings with llama.cpp: one model, many texts per forward pass.
+
+Why not ``Llama.embed``: it truncates a long input by cutting the token list, which drops the
+closing ``[SEP]`` a BERT model was trained to see, and it copies every vector through Python
+lists.  :class:`Embedder` tokenizes with the model's own tokenizer, truncates to the window
+while keeping the closing special tokens, packs as many sequences as fit into one batch
+(one ``llama_decode`` call each) and reads the pooled vectors straight into NumPy.
+
+Non-causal models (BERT) attend over the whole batch at once, so the physical batch
+(``n_ubatch``) must hold every token of the logical batch (``n_batch``); both are set to
+``n_ctx``, and a single text may use at most ``min(n_ctx, n_ctx_train)`` tokens.
+
+An :class:`Embedder` is not meant to be shared between threads; calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+
+from themis_pg.errors import ModelNotFound
+
+__all__ = ["Embedder"]
+
+log = logging.getLogger(__name__)
+
+
+class Embedder:
+    """A GGUF embedding model loaded in llama.cpp; vectors are float32 and L2-normalised."""
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        *,
+        n_threads: int | None = None,
+        n_ctx: int = 512,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        """Load the model at ``path``; raise :class:`ModelNotFound` if it is missing or
+        llama.cpp cannot load it.  ``n_ctx`` is the token budget of one forward pass."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFound(
+                f"embedding model {name!r}: file {path} does not exist",
+                hint="run `themis models fetch` or re-register the model with its current path",
+            )
+        if n_ctx < 8:
+            raise ValueError(f"n_ctx must be at least 8, not {n_ctx}")
+        self._name = name
+        self._path = path
+        self._lock = threading.Lock()
+
+        def load(pooling: int) -> llama_cpp.Llama:
+            return self._load(path, n_threads, n_ctx, n_gpu_layers, pooling)
+
+        self._llm = load(llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
+        if llama_cpp.llama_pooling_type(self._llm.ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            # The GGUF names no pooling: fall back to mean pooling, as sentence-transformers does.
+            log.debug("%s declares no pooling type; using mean pooling", path)
+            self._llm.close()
+            self._llm = load(llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+        self._dim = int(self._llm.n_embd())
+        self._n_batch = int(self._llm.n_batch)
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._llm.model))
+        self._max_tokens = min(self._n_batch, n_ctx_train) if n_ctx_train > 0 else self._n_batch
+        self._n_seq_max = max(1, int(self._llm.context_params.n_seq_max))
+        # Tokens the tokenizer appends after the text (BERT: [SEP]); kept when truncating.
+        empty = self._tokenize("")
+        bos = int(self._llm.token_bos())
+        self._tail: list[int] = empty[1:] if empty and empty[0] == bos else empty
+        self._batch: Any = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._closed = False
+
+    @staticmethod
+    def _load(
+        path: Path, n_threads: int | None, n_ctx: int, n_gpu_layers: int, pooling: int
+    ) -> llama_cpp.Llama:
+        try:
+            return llama_cpp.Llama(
+                model_path=str(path),
+                embedding=True,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                pooling_type=pooling,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise ModelNotFound(f"llama.cpp cannot load embedding model {path}: {exc}") from exc
+
+    @property
+    def name(self) -> str:
+        """Registered name of the model (what ``themis.corpus.embedding_model`` records)."""
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        """Length of every embedding vector."""
+        return self._dim
+
+    @property
+    def max_tokens(self) -> int:
+        """Most tokens (special tokens included) one text contributes; longer ones are cut."""
+        return self._max_tokens
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model would see for ``text``, special tokens included, before truncation."""
+        return len(self._tokenize(text))
+
+    def _truncate(self, tokens: list[int]) -> list[int]:
+        if len(tokens) <= self._max_tokens:
+            return tokens
+        tail = self._tail if tokens[len(tokens) - len(self._tail) :] == self._tail else []
+        log.debug("truncating a %d-token text to %d tokens", len(tokens), self._max_tokens)
+        return tokens[: self._max_tokens - len(tail)] + tail
+
+    def _decode(self, group: list[list[int]], out: npt.NDArray[np.float32]) -> None:
+        """One forward pass over ``group`` (one sequence id each); pooled rows into ``out``."""
+        batch = self._batch
+        n = 0
+        for seq_id, tokens in enumerate(group):
+            for pos, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = True
+                n += 1
+        batch.n_tokens = n
+        ctx = self._llm.ctx
+        memory = llama_cpp.llama_get_memory(ctx)
+        if memory:  # causal embedding models keep a KV cache; BERT has none
+            llama_cpp.llama_memory_clear(memory, True)
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} for model {self._name}")
+        for seq_id in range(len(group)):
+            ptr = llama_cpp.llama_get_embeddings_seq(ctx, seq_id)
+            if not ptr:
+                raise RuntimeError(f"llama.cpp returned no pooled embedding for {self._name}")
+            row = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
+            out[seq_id] = np.ctypeslib.as_array(row, shape=(self._dim,))
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed ``texts``: float32 array of shape ``(len(texts), dim)``, rows of unit length.
+
+        Texts longer than :attr:`max_tokens` are truncated (logged at debug level).
+        """
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of strings, not a single string")
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        if not texts:
+            return out
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"embedder {self._name} is closed")
+            group: list[list[int]] = []
+            group_rows: list[int] = []
+            used = 0
+            for row, text in enumerate(texts):
+                tokens = self._truncate(self._tokenize(text))
+                if group and (used + len(tokens) > self._n_batch or len(group) >= self._n_seq_max):
+                    self._decode(group, out[group_rows[0] : group_rows[-1] + 1])
+                    group, group_rows, used = [], [], 0
+                group.append(tokens)
+                group_rows.append(row)
+                used += len(tokens)
+            self._decode(group, out[group_rows[0] : group_rows[-1] + 1])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+    def close(self) -> None:
+        """Free the model and its buffers; the embedder cannot be used afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            llama_cpp.llama_batch_free(self._batch)
+            self._llm.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Embedder(name={self._name!r}, path={str(self._path)!r}, dim={self._dim})"

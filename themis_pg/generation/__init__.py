@@ -1,0 +1,1 @@
+"""Generation with llama.cpp and the prompt logic around it."""

@@ -1,0 +1,99 @@
+"""RAG prompt construction under a token budget (pure logic, no model needed).
+
+The sources go into the user message as a numbered list, best first.  When they do not all
+fit the context window beside the question and the answer's ``max_tokens``, the lowest-ranked
+ones are dropped and the last kept one is cut short; only a question that cannot fit on its
+own is an error, since no retry could help it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ContextOverflow
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant for a documentation search system. Answer the question "
+    "using only the numbered sources. Cite the sources you use like [1]. If the sources do "
+    "not contain the answer, say that you do not know."
+)
+NO_SOURCES = "(no documents matched)"
+# Tokens the chat template adds around the messages (role markers, separators).
+TEMPLATE_OVERHEAD = 48
+MIN_USEFUL_SOURCE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Context:
+    id: int
+    content: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    contexts_used: int
+
+
+def contexts_from_payload(items: Sequence[dict[str, Any]]) -> list[Context]:
+    return [Context(id=int(c["id"]), content=str(c["content"]), source=c.get("source"))
+            for c in items]
+
+
+def _source_block(number: int, ctx: Context, text: str) -> str:
+    label = f" ({ctx.source})" if ctx.source else ""
+    return f"[{number}]{label}\n{text.strip()}\n"
+
+
+def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max_tokens: int,
+                     count_tokens: Callable[[str], int],
+                     truncate: Callable[[str, int], str]) -> BuiltPrompt:
+    """Messages for a RAG answer that fit ``n_ctx`` with room for ``max_tokens``."""
+    budget = n_ctx - max_tokens - TEMPLATE_OVERHEAD
+    question = f"Question: {query.strip()}"
+    fixed = count_tokens(SYSTEM_PROMPT) + count_tokens(question) + count_tokens("Sources:\n")
+    if fixed > budget:
+        raise ContextOverflow(
+            f"the question needs {fixed} tokens; with max_tokens {max_tokens} it cannot fit "
+            f"the model's context window of {n_ctx} tokens",
+            hint="Shorten the question or lower max_tokens.")
+    blocks: list[str] = []
+    used = fixed
+    for number, ctx in enumerate(contexts, start=1):
+        block = _source_block(number, ctx, ctx.content)
+        cost = count_tokens(block)
+        if used + cost <= budget:
+            blocks.append(block)
+            used += cost
+            continue
+        room = budget - used - count_tokens(_source_block(number, ctx, ""))
+        if room >= MIN_USEFUL_SOURCE_TOKENS:
+            block = _source_block(number, ctx, truncate(ctx.content, room))
+            blocks.append(block)
+            used += count_tokens(block)
+        break
+    sources = "\n".join(blocks) if blocks else NO_SOURCES
+    user = f"Sources:\n{sources}\n{question}"
+    return BuiltPrompt(
+        messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                  {"role": "user", "content": user}],
+        prompt_tokens=used + TEMPLATE_OVERHEAD,
+        contexts_used=len(blocks),
+    )
+
+
+def build_raw_prompt(prompt: str, *, n_ctx: int, max_tokens: int,
+                     count_tokens: Callable[[str], int]) -> BuiltPrompt:
+    """A plain user prompt; too long for the window is a permanent error."""
+    tokens = count_tokens(prompt) + TEMPLATE_OVERHEAD
+    if tokens + max_tokens > n_ctx:
+        raise ContextOverflow(
+            f"the prompt is {tokens} tokens; with max_tokens {max_tokens} it exceeds the "
+            f"model's context window of {n_ctx} tokens",
+            hint="Shorten the prompt or lower max_tokens.")
+    return BuiltPrompt(messages=[{"role": "user", "content": prompt}], prompt_tokens=tokens,
+                       contexts_used=0)

@@ -1,0 +1,201 @@
+"""The caller's side of the job bus, run inside a PostgreSQL backend.
+
+A PL/Python function runs inside the caller's transaction: a job INSERTed through SPI would
+stay invisible to the worker until the caller commits, and the caller could not see the
+worker's answer from a REPEATABLE READ snapshot.  So every job goes through an *autonomous*
+connection (role ``themis_bus``) that commits on its own, LISTENs on a channel private to
+this backend, and reads the answer.  The connection is cached per backend.
+
+Waiting happens in short slices; between slices ``check_interrupts`` (an SPI ``SELECT 1``)
+lets PostgreSQL act on ``statement_timeout``, ``pg_cancel_backend`` and client disconnects.
+The jobs table is the truth: notifications only wake us early, and the row is re-read every
+``poll_interval`` in case one was lost.
+
+Only the standard library and psycopg (Debian's python3-psycopg) may be imported here.
+"""
+
+from __future__ import annotations
+
+import secrets
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .errors import PLError
+
+TERMINAL = ("done", "failed", "cancelled")
+WAIT_SLICE_S = 0.05
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: recorded on the job for RLS and for the worker's orphan check."""
+
+    role: str
+    pid: int
+    backend_start: str
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str
+    result: dict[str, Any] | None
+    answer: str | None
+    error: str | None
+    error_sqlstate: str | None
+
+
+class BusClient:
+    """One autonomous connection per backend, with its private reply channel."""
+
+    def __init__(self, dsn: str, *, poll_interval: float = 1.0, connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.poll_interval = poll_interval
+        self.connect_timeout = connect_timeout
+        self.channel = f"themis_reply_{secrets.token_hex(8)}"
+        self._conn: psycopg.Connection[Any] | None = None
+
+    # -- connection ---------------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=self.connect_timeout,
+                application_name="themis_bus",
+            )
+        except psycopg.OperationalError as exc:
+            text = str(exc)
+            if "too many" in text or "remaining connection slots" in text:
+                raise PLError(
+                    "themis could not open its bus connection: the server has no free "
+                    "connection slot",
+                    sqlstate="53300",
+                    hint="Each session calling themis functions holds one extra connection "
+                    "while it waits; raise max_connections.",
+                ) from exc
+            raise PLError(
+                f"themis could not open its bus connection: {text.strip()}",
+                sqlstate="08001",
+                hint="Check themis.config 'bus_dsn' and that role themis_bus may log in.",
+            ) from exc
+        conn.execute(f'LISTEN "{self.channel}"')
+        return conn
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = None
+            self._conn = self._connect()
+        return self._conn
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one statement, reconnecting once if the connection was dropped."""
+        for attempt in (1, 2):
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except psycopg.OperationalError:
+                self._reset()
+                if attempt == 2:
+                    raise
+            except psycopg.Error as exc:
+                raise PLError(
+                    exc.diag.message_primary or str(exc),
+                    sqlstate=exc.sqlstate or "XX000",
+                    hint=exc.diag.message_hint,
+                ) from exc
+        raise AssertionError("unreachable")
+
+    # -- protocol -------------------------------------------------------------------------
+    def submit(self, kind: str, payload: str, caller: Caller, token: str,
+               timeout_s: float) -> int:
+        rows = self._execute(
+            "SELECT themis.bus_submit(%s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s, %s)",
+            (kind, payload, caller.role, caller.pid, caller.backend_start, self.channel,
+             token, timeout_s),
+        )
+        return int(rows[0][0])
+
+    def take(self, job_id: int, token: str) -> tuple[JobOutcome | None, bool]:
+        """The job's outcome once it has one (else None), and whether a worker is alive."""
+        rows = self._execute(
+            "SELECT status, result, answer, error, error_sqlstate, worker_alive "
+            "FROM themis.bus_take(%s, %s)", (job_id, token),
+        )
+        if not rows:
+            return JobOutcome("failed", None, None, "job vanished from themis.jobs",
+                              "XX000"), True
+        status, result, answer, error, sqlstate, alive = rows[0]
+        if status not in TERMINAL:
+            return None, bool(alive)
+        return JobOutcome(status, result, answer, error, sqlstate), True
+
+    def cancel(self, job_id: int, token: str, reason: str) -> None:
+        """Best effort: the worker's orphan check catches what this misses."""
+        try:
+            self._execute("SELECT themis.bus_cancel(%s, %s, %s)", (job_id, token, reason))
+        except Exception:
+            self._reset()
+
+    def _wait_for_notify(self, timeout: float, job_id: int) -> bool:
+        """Sleep on the socket up to ``timeout``; True if our job's notification came."""
+        conn = self.conn
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], timeout)
+        if not ready:
+            return False
+        conn.pgconn.consume_input()
+        woke = False
+        while (note := conn.pgconn.notifies()) is not None:
+            if note.extra.decode() == str(job_id):
+                woke = True
+        return woke
+
+    def call(self, kind: str, payload: str, caller: Caller, timeout_s: float,
+             check_interrupts: Callable[[], None]) -> JobOutcome:
+        """Submit a job and wait for its outcome, honouring cancels and the timeout."""
+        token = secrets.token_hex(16)
+        job_id = self.submit(kind, payload, caller, token, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        next_check = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_check:
+                    outcome, alive = self.take(job_id, token)
+                    if outcome is not None:
+                        return outcome
+                    if not alive:
+                        self.cancel(job_id, token, "no live worker")
+                        raise PLError(
+                            f"the themis worker serving this {kind} job stopped and no other "
+                            "worker is running", sqlstate="55000",
+                            hint="Start one with `themis worker`.")
+                    next_check = now + self.poll_interval
+                if now >= deadline:
+                    self.cancel(job_id, token, f"timed out after {timeout_s:g} s")
+                    raise PLError(f"themis {kind} job timed out after {timeout_s:g} s",
+                                  sqlstate="57014",
+                                  hint="Pass a larger timeout_s or add workers.")
+                try:
+                    if self._wait_for_notify(min(WAIT_SLICE_S, deadline - now), job_id):
+                        next_check = 0.0
+                except (psycopg.OperationalError, OSError, ValueError):
+                    self._reset()  # dropped bus connection: reconnect, re-LISTEN, re-read
+                    next_check = 0.0
+                check_interrupts()
+        except PLError:
+            raise
+        except BaseException:
+            # statement_timeout, pg_cancel_backend, or anything else: free the worker.
+            self.cancel(job_id, token, "caller cancelled")
+            raise

@@ -1,0 +1,1 @@
+"""Retrieval: the in-memory embedding index and exact top-k."""

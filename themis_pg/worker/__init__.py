@@ -1,0 +1,1 @@
+"""The worker process: the loop that claims jobs and serves them (see loop.py)."""

@@ -1,0 +1,420 @@
+"""``themis worker``: one long-lived process serving the job bus.
+
+Threads, each with its own connection:
+
+* the **listener** (main thread) LISTENs on ``themis_jobs`` and ``themis_cancel``; a
+  notification only wakes a lane or flags a job, the jobs table stays the truth;
+* one **lane** per stage claims jobs with ``FOR UPDATE SKIP LOCKED`` and serves them: the
+  search lane (embedding + exact top-k, in batches) and the generation lane.  Lanes are the
+  only place that groups jobs into batches.  Each also polls every ``poll_interval``, so a
+  lost notification costs at most that;
+* the **housekeeper** renews leases (heartbeat), re-queues jobs of lost workers, cancels jobs
+  whose caller went away, notices cancellations, and prunes old rows.
+
+Any number of workers may share one database.  SIGTERM/SIGINT: lanes stop after their
+current step, unfinished jobs go back to the queue, the worker row is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from ..bus.jobs import Job, JobStore
+from ..config import Settings
+from ..embedding import Embedder
+from ..errors import ContextOverflow, InvalidInput, ModelMismatch, ThemisError
+from ..generation.llama import LlamaGenerator
+from ..models.registry import get_model
+from ..pipeline import search_batch
+from ..retrieval.index import EmbeddingIndex
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+PRUNE_EVERY_S = 60.0
+
+
+def connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True, application_name="themis_worker")
+
+
+class JobRegistry:
+    """Jobs this worker is serving now, and which of them were cancelled (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: set[int] = set()
+        self._cancelled: set[int] = set()
+
+    def start(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._active.update(ids)
+
+    def end(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._active.difference_update(ids)
+            self._cancelled.difference_update(ids)
+
+    def active(self) -> list[int]:
+        with self._lock:
+            return sorted(self._active)
+
+    def cancel(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._cancelled.update(i for i in ids if i in self._active)
+
+    def is_cancelled(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+
+class Lane(threading.Thread):
+    """Claims jobs of some kinds and serves them; subclasses say how."""
+
+    kinds: tuple[str, ...] = ()
+    batch = 1
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name=f"lane-{'-'.join(self.kinds)}", daemon=True)
+        self.worker = worker
+        self.settings = worker.settings
+        self.wake = threading.Event()
+        self.conn: psycopg.Connection[Any] | None = None
+        self.store: JobStore | None = None
+
+    def _ensure_store(self) -> JobStore:
+        if self.conn is None or self.conn.closed or self.conn.broken or self.store is None:
+            self.conn = connect(self.worker.dsn)
+            self.store = JobStore(self.conn, self.worker.worker_id)
+            self.on_connect(self.conn)
+        return self.store
+
+    def on_connect(self, conn: psycopg.Connection[Any]) -> None:
+        """Hook for per-connection setup."""
+
+    def run(self) -> None:
+        failures = 0
+        while not self.worker.stopping.is_set():
+            try:
+                store = self._ensure_store()
+                self.wake.clear()
+                jobs = store.claim(self.kinds, self.batch, self.settings.lease)
+                failures = 0
+            except psycopg.OperationalError as exc:
+                self._drop_connection(exc, failures)
+                failures += 1
+                continue
+            if not jobs:
+                self.wake.wait(self.settings.poll_interval)
+                continue
+            ids = [j.id for j in jobs]
+            self.worker.registry.start(ids)
+            try:
+                self.serve(store, jobs)
+            except psycopg.OperationalError as exc:
+                # The database went away mid-batch: the leases lapse and the reaper re-queues.
+                self._drop_connection(exc, failures)
+            except Exception:
+                log.exception("lane %s crashed on jobs %s", self.name, ids)
+                self._fail_all(store, jobs, "internal error in the worker", "XX000")
+            finally:
+                self.worker.registry.end(ids)
+
+    def _drop_connection(self, exc: Exception, failures: int) -> None:
+        delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+        log.warning("%s: database connection lost (%s); retrying in %.1f s", self.name,
+                    str(exc).strip(), delay)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = self.store = None
+        self.worker.stopping.wait(delay)
+
+    def _fail_all(self, store: JobStore, jobs: Sequence[Job], message: str,
+                  sqlstate: str) -> None:
+        for job in jobs:
+            try:
+                store.fail(job.id, message, sqlstate)
+            except psycopg.Error:
+                log.exception("could not fail job %d", job.id)
+
+    def finish_or_fail(self, store: JobStore, job: Job, work: Callable[[], tuple[dict[str, Any],
+                                                                              str | None]]) -> None:
+        """Run ``work`` for one job; a ThemisError fails the job once with its SQLSTATE."""
+        try:
+            result, answer = work()
+        except ThemisError as exc:
+            log.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
+            store.fail(job.id, exc.message, exc.sqlstate)
+            self.worker.count("failed")
+            return
+        if store.finish(job.id, result, answer):
+            self.worker.count("done")
+        else:
+            log.info("job %d was cancelled or taken over; result dropped", job.id)
+
+    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+        raise NotImplementedError
+
+
+def _require_text(payload: dict[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"job payload needs a non-empty {key!r}")
+    return value
+
+
+class SearchLane(Lane):
+    """Embedding and exact top-k, for many queries at once."""
+
+    kinds = ("search", "embed")
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self.batch = worker.settings.search_batch
+
+    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+        worker = self.worker
+        assert self.conn is not None
+        searches = [j for j in jobs if j.kind == "search"]
+        embeds = [j for j in jobs if j.kind == "embed"]
+        if searches:
+            try:
+                worker.index.sync(self.conn, embed=worker.embedder.embed)
+            except ModelMismatch as exc:
+                for job in searches:
+                    store.fail(job.id, exc.message, exc.sqlstate)
+                searches = []
+        good: list[tuple[Job, str, int]] = []
+        for job in searches:
+            try:
+                query = _require_text(job.payload, "query")
+                n = int(job.payload.get("n", 10))
+                if not 1 <= n <= 10_000_000:
+                    raise InvalidInput(f"n must be positive, got {n}")
+                good.append((job, query, n))
+            except (ThemisError, TypeError, ValueError) as exc:
+                store.fail(job.id, f"bad search job: {exc}", "22023")
+        if good:
+            found = search_batch(worker.index, worker.embedder, [q for _, q, _ in good],
+                                 [n for _, _, n in good])
+            share = found.embed_ms / len(good)
+            for (job, _, _), hits, exhausted in zip(good, found.hits, found.exhausted,
+                                                    strict=True):
+                result = {"candidates": [[h.id, round(h.score, 6)] for h in hits],
+                          "exhausted": exhausted, "model": worker.embedder.name,
+                          "embed_ms": round(share, 3), "search_ms": round(found.search_ms, 3),
+                          "index_size": len(worker.index)}
+                self.finish_or_fail(store, job, lambda r=result: (r, None))
+        for job in embeds:
+            def work(job: Job = job) -> tuple[dict[str, Any], str | None]:
+                vector = worker.embedder.embed([_require_text(job.payload, "text")])[0]
+                return {"embedding": [round(float(x), 7) for x in vector],
+                        "model": worker.embedder.name, "dim": int(vector.shape[0])}, None
+            self.finish_or_fail(store, job, work)
+
+
+class GenerateLane(Lane):
+    """One request at a time for now; continuous batching will batch here."""
+
+    kinds = ("generate",)
+
+    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+        worker = self.worker
+        generator = worker.generator
+        assert generator is not None, "generate lane without a generation model"
+        for job in jobs:
+            def stop(job_id: int = job.id) -> bool:
+                return worker.registry.is_cancelled(job_id) or worker.stopping.is_set()
+
+            def work(job: Job = job) -> tuple[dict[str, Any], str | None]:
+                _validate_generation(job.payload)
+                try:
+                    res = generator.generate(job.payload, should_stop=stop)
+                except ValueError as exc:  # llama.cpp's own context check
+                    if "context" in str(exc):
+                        raise ContextOverflow(str(exc)) from exc
+                    raise
+                if res.stopped:
+                    raise _Abandoned()
+                return res.as_json(), res.answer
+
+            try:
+                self.finish_or_fail(store, job, work)
+            except _Abandoned:
+                if worker.registry.is_cancelled(job.id):
+                    log.info("job %d cancelled by its caller; generation stopped", job.id)
+                else:
+                    store.release([job.id])
+
+
+class _Abandoned(Exception):
+    """Generation stopped early: cancelled by the caller, or the worker is shutting down."""
+
+
+def _validate_generation(payload: dict[str, Any]) -> None:
+    try:
+        max_tokens = int(payload["max_tokens"])
+        temperature = float(payload.get("temperature", 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"bad generation job: {exc}") from exc
+    if max_tokens < 1 or not 0.0 <= temperature <= 2.0:
+        raise InvalidInput("bad generation job: max_tokens or temperature out of range")
+
+
+class Housekeeper(threading.Thread):
+    """Heartbeats, lease renewal, reaping, orphan cancelling, pruning."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="housekeeper", daemon=True)
+        self.worker = worker
+        self.conn: psycopg.Connection[Any] | None = None
+        self._last_prune = 0.0
+
+    def run(self) -> None:
+        worker = self.worker
+        while not worker.stopping.wait(worker.settings.heartbeat_interval):
+            try:
+                self.tick()
+            except psycopg.OperationalError as exc:
+                log.warning("housekeeper: database connection lost (%s)", str(exc).strip())
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+            except Exception:
+                log.exception("housekeeper tick failed")
+
+    def tick(self) -> None:
+        worker = self.worker
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.conn = connect(worker.dsn)
+        store = JobStore(self.conn, worker.worker_id)
+        if not store.heartbeat(worker.settings.lease, worker.stats(), worker.index.watermark):
+            log.warning("worker row was missing; registering again")
+            store.register(worker.kinds, worker.stats())
+        lost = store.reap_lost()
+        if lost:
+            log.warning("re-queued or failed %d jobs of lost workers: %s", len(lost), lost)
+        store.cancel_orphans()
+        worker.registry.cancel(sorted(store.cancelled_among(worker.registry.active())))
+        now = time.monotonic()
+        if now - self._last_prune > PRUNE_EVERY_S:
+            store.prune(worker.settings.job_retention)
+            self._last_prune = now
+
+
+class Worker:
+    """Loads the models and the index, then runs the lanes until told to stop."""
+
+    def __init__(self, settings: Settings, dsn: str,
+                 kinds: Sequence[str] = ("search", "embed", "generate")) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.kinds = list(kinds)
+        self.worker_id = settings.worker_identity()
+        self.stopping = threading.Event()
+        self.registry = JobRegistry()
+        self._counts = {"done": 0, "failed": 0}
+        self._counts_lock = threading.Lock()
+        self.started = time.time()
+
+        with connect(dsn) as conn:
+            emb = get_model(conn, "embedding", settings.embedding_model or None)
+            gen = get_model(conn, "generation", settings.generation_model or None) \
+                if "generate" in self.kinds else None
+        self.embedder = Embedder(emb.path, emb.name, n_threads=settings.n_threads)
+        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name)
+        self.generator: LlamaGenerator | None = (
+            LlamaGenerator(gen.path, gen.name, n_ctx=settings.n_ctx,
+                           n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers)
+            if gen is not None else None)
+        log.info("worker %s: embedding model %s (dim %d), generation model %s",
+                 self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
+
+    def count(self, what: str) -> None:
+        with self._counts_lock:
+            self._counts[what] += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {"jobs": counts, "index_size": len(self.index),
+                "embedding_model": self.embedder.name,
+                "generation_model": self.generator.name if self.generator else None,
+                "retrieval_backend": "numpy", "uptime_s": round(time.time() - self.started, 1)}
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or ``stopping`` is set)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        with connect(self.dsn) as conn:
+            try:
+                self.index.load(conn)
+            except ModelMismatch as exc:
+                log.error("%s; search jobs will fail until this is fixed", exc.message)
+            JobStore(conn, self.worker_id).register(self.kinds, self.stats())
+        lanes: list[Lane] = []
+        if {"search", "embed"} & set(self.kinds):
+            lanes.append(SearchLane(self))
+        if "generate" in self.kinds:
+            lanes.append(GenerateLane(self))
+        housekeeper = Housekeeper(self)
+        for thread in (*lanes, housekeeper):
+            thread.start()
+        log.info("worker %s ready (kinds: %s)", self.worker_id, ", ".join(self.kinds))
+        try:
+            self._listen(lanes)
+        finally:
+            self.stopping.set()
+            for thread in (*lanes, housekeeper):
+                thread.join(timeout=30)
+            self._shutdown()
+
+    def _listen(self, lanes: list[Lane]) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                with connect(self.dsn) as conn:
+                    conn.execute("LISTEN themis_jobs")
+                    conn.execute("LISTEN themis_cancel")
+                    failures = 0
+                    for lane in lanes:  # whatever was queued while we were not listening
+                        lane.wake.set()
+                    while not self.stopping.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._on_notify(note.channel, note.payload, lanes)
+            except psycopg.OperationalError as exc:
+                delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("listener: database connection lost (%s); retrying in %.1f s",
+                            str(exc).strip(), delay)
+                self.stopping.wait(delay)
+
+    def _on_notify(self, channel: str, payload: str, lanes: list[Lane]) -> None:
+        if channel == "themis_jobs":
+            for lane in lanes:
+                if payload in lane.kinds or not payload:
+                    lane.wake.set()
+        elif channel == "themis_cancel":
+            try:
+                self.registry.cancel([int(payload)])
+            except ValueError:
+                log.warning("ignoring malformed cancel notification %r", payload)
+
+    def _shutdown(self) -> None:
+        try:
+            with connect(self.dsn) as conn:
+                store = JobStore(conn, self.worker_id)
+                released = store.release()
+                store.deregister()
+            log.info("worker %s stopped (%d unfinished jobs re-queued)", self.worker_id,
+                     released)
+        except psycopg.Error as exc:
+            log.warning("could not deregister cleanly: %s", exc)
