@@ -256,7 +256,7 @@ def ingest_paths(
     batch_size: int = 32,
     max_chars: int = 1200,
     overlap_chars: int = 150,
-    max_tokens: int = 256,
+    max_tokens: int = 384,
     prune: bool = False,
 ) -> IngestReport:
     """Ingest files and directories (see ``readers.iter_files``) into the corpus.

