@@ -56,8 +56,7 @@ debian_mirror() {  # the first Debian mirror this machine's apt already uses
     uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
   fi
   if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-    uri=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { print $i; exit } }' \
-      /etc/apt/sources.list)
+    uri=$(awk '$1 == "deb" { sub(/\[[^]]*\]/, ""); $0 = $0; print $2; exit }' /etc/apt/sources.list)
   fi
   [ -n "$uri" ] || die "cannot find a Debian mirror in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list"
   echo "$uri"

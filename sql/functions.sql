@@ -1,50 +1,47 @@
 -- User-facing functions.  Idempotent: re-applied by every revision.
 --
--- Each body is a few lines that hand over to the themis_pl package (themis_pg/pl in the
--- source tree), which the server's Python imports.  They run as the caller (SECURITY
+-- Each PL/Python body is a few lines that hand over to the themis_pl package (themis_pg/pl in
+-- the source tree), which the server's Python imports.  The public functions are thin
+-- PL/pgSQL wrappers around them that re-raise errors without PL/Python's exception-class
+-- prefix and traceback, so callers see PostgreSQL's usual one-line message and SQLSTATE.
+-- (query_canceled is not caught by WHEN OTHERS and passes through untouched.)  They run as the caller (SECURITY
 -- INVOKER) so that GRANTs and row-level security decide which documents a call may use,
 -- with a pinned search_path.  EXECUTE is for themis_user (and the owner) only.
 
-CREATE OR REPLACE FUNCTION public.themis_rag(
-    query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
-    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
-) RETURNS text
-LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-from themis_pl import api
-return api.rag(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
-               timeout_s=timeout_s)["answer"]
+CREATE OR REPLACE FUNCTION themis.clean_error(message text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT regexp_replace(message, '^(plpy\.Error|spiexceptions\.[A-Za-z]+): ', '')
 $$;
 
-CREATE OR REPLACE FUNCTION public.themis_rag_json(
-    query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
-    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
-) RETURNS jsonb
+-- PL/Python implementations (internal).
+CREATE OR REPLACE FUNCTION themis.rag_py(
+    query text, k integer, max_tokens integer, temperature double precision,
+    timeout_s double precision, as_json boolean
+) RETURNS text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 import json
 from themis_pl import api
-return json.dumps(api.rag(plpy, GD, query, k, max_tokens=max_tokens,
-                          temperature=temperature, timeout_s=timeout_s))
+result = api.rag(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
+                 timeout_s=timeout_s)
+return json.dumps(result) if as_json else result["answer"]
 $$;
 
-CREATE OR REPLACE FUNCTION public.themis_search(
-    query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL
-) RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
+CREATE OR REPLACE FUNCTION themis.search_py(query text, k integer, timeout_s double precision)
+RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 from themis_pl import api
 return api.search_rows(plpy, GD, query, k, timeout_s=timeout_s)
 $$;
 
-CREATE OR REPLACE FUNCTION public.themis_embed(
-    input text, timeout_s double precision DEFAULT NULL
-) RETURNS vector
+CREATE OR REPLACE FUNCTION themis.embed_py(input text, timeout_s double precision)
+RETURNS text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 from themis_pl import api
 return api.embed(plpy, GD, input, timeout_s=timeout_s)
 $$;
 
-CREATE OR REPLACE FUNCTION public.themis_generate(
-    prompt text, max_tokens integer DEFAULT NULL, temperature double precision DEFAULT 0,
-    timeout_s double precision DEFAULT NULL
+CREATE OR REPLACE FUNCTION themis.generate_py(
+    prompt text, max_tokens integer, temperature double precision, timeout_s double precision
 ) RETURNS text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 from themis_pl import api
@@ -52,7 +49,81 @@ return api.generate(plpy, GD, prompt, max_tokens=max_tokens, temperature=tempera
                     timeout_s=timeout_s)["answer"]
 $$;
 
+-- Public functions.
+CREATE OR REPLACE FUNCTION public.themis_rag(
+    query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
+    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false);
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_rag_json(
+    query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
+    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true)::jsonb;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_search(
+    query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL
+) RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s);
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_embed(
+    input text, timeout_s double precision DEFAULT NULL
+) RETURNS vector
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN themis.embed_py(input, timeout_s)::vector;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_generate(
+    prompt text, max_tokens integer DEFAULT NULL, temperature double precision DEFAULT 0,
+    timeout_s double precision DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN themis.generate_py(prompt, max_tokens, temperature, timeout_s);
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+END
+$$;
+
 REVOKE ALL ON FUNCTION
+    themis.clean_error(text),
+    themis.rag_py(text, integer, integer, double precision, double precision, boolean),
+    themis.search_py(text, integer, double precision),
+    themis.embed_py(text, double precision),
+    themis.generate_py(text, integer, double precision, double precision),
     public.themis_rag(text, integer, integer, double precision, double precision),
     public.themis_rag_json(text, integer, integer, double precision, double precision),
     public.themis_search(text, integer, double precision),
@@ -60,6 +131,11 @@ REVOKE ALL ON FUNCTION
     public.themis_generate(text, integer, double precision, double precision)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
+    themis.clean_error(text),
+    themis.rag_py(text, integer, integer, double precision, double precision, boolean),
+    themis.search_py(text, integer, double precision),
+    themis.embed_py(text, double precision),
+    themis.generate_py(text, integer, double precision, double precision),
     public.themis_rag(text, integer, integer, double precision, double precision),
     public.themis_rag_json(text, integer, integer, double precision, double precision),
     public.themis_search(text, integer, double precision),

@@ -64,11 +64,12 @@ ON CONFLICT (id) DO UPDATE
 DELETE FROM themis.workers WHERE id = %(worker_id)s;
 
 -- name: heartbeat
--- Renew our leases and say we are alive; returns whether our row still exists.
+-- Renew the leases of the jobs we are really working on (a job a lane lost track of lapses
+-- and is re-queued) and say we are alive; returns whether our row still exists.
 WITH leases AS (
     UPDATE themis.jobs
        SET lease_until = now() + make_interval(secs => %(lease)s)
-     WHERE worker_id = %(worker_id)s AND status = 'running'
+     WHERE worker_id = %(worker_id)s AND status = 'running' AND id = ANY (%(active)s)
 )
 UPDATE themis.workers
    SET heartbeat_at = now(), stats = %(stats)s, watermark = %(watermark)s::text::xid8

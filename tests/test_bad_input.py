@@ -37,6 +37,8 @@ def test_bad_arguments(rag_db, sql, params, state, words):
     got_state, message = sqlstate_of(rag_db, sql, params)
     assert got_state == state, message
     assert words in message
+    first_line = message.splitlines()[0]
+    assert not first_line.startswith(("plpy", "spiexceptions")), first_line
 
 
 def test_worker_still_serves_after_bad_input(rag_db):

@@ -66,7 +66,8 @@ def test_status_reports_running(cluster: EmbeddedCluster) -> None:
 def test_url_connects_and_settings_apply(cluster: EmbeddedCluster) -> None:
     with psycopg.connect(cluster.url("postgres")) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
-        assert conn.execute("SHOW server_version_num").fetchone()[0].startswith("15")  # type: ignore[index]
+        version = conn.execute("SHOW server_version_num").fetchone()
+        assert version is not None and version[0].startswith("15")
         assert conn.execute("SHOW max_connections").fetchone() == ("50",)
         assert conn.execute("SHOW client_connection_check_interval").fetchone() == ("1s",)
         assert conn.execute("SHOW listen_addresses").fetchone() == ("",)

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from themis_pg.errors import ModelMismatch
+from themis_pg.errors import IngestError, ModelMismatch
 from themis_pg.ingest import ingest_paths, reembed, text_sha256
 from themis_pg.ingest.readers import source_uri
 from themis_pg.resources import sample_corpus_dir
@@ -72,61 +72,97 @@ def corpus_row(conn: psycopg.Connection[Any]) -> tuple[str, int] | None:
     return (row[0], row[1]) if row else None
 
 
-def test_ingest_sample_corpus_then_again(conn: psycopg.Connection[Any], embedder: Any) -> None:
-    files = sorted(sample_corpus_dir().glob("*.md"))
+def test_sample_corpus_is_stored_with_its_embeddings(corpus_db: str, embedder: Any) -> None:
+    """corpus_db is a clone of a template that conftest filled with ``ingest_paths``."""
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        register_vector(conn)
+        files = sorted(sample_corpus_dir().glob("*.md"))
+        docs = documents(conn)
+        assert set(docs) == {source_uri(f) for f in files}
+        n_docs = sum(len(chunks) for chunks in docs.values())
+        assert n_docs >= len(files)
+        for chunks in docs.values():
+            assert [index for _, index, _ in chunks] == list(range(len(chunks)))
+        assert corpus_row(conn) == (embedder.name, embedder.dim)
+
+        # Each source records the hash of its text; each chunk carries its uri and title.
+        tls = sample_corpus_dir() / "tls-certificate-rotation.md"
+        source = conn.execute(
+            "SELECT sha256, metadata FROM themis.sources WHERE uri = %s", (source_uri(tls),)
+        ).fetchone()
+        assert source is not None
+        assert source[0] == text_sha256(tls.read_text(encoding="utf-8"))
+        assert source[1]["title"] == "Rotating TLS keys and certificates"
+        chunk_meta = conn.execute(
+            "SELECT d.metadata FROM themis.documents d JOIN themis.sources s"
+            " ON s.id = d.source_id WHERE s.uri = %s LIMIT 1",
+            (source_uri(tls),),
+        ).fetchone()
+        assert chunk_meta is not None
+        assert chunk_meta[0]["uri"] == source_uri(tls)
+        assert chunk_meta[0]["title"] == "Rotating TLS keys and certificates"
+
+        # Embeddings: the model's dimension, unit length, what the model gives for the content.
+        rows = conn.execute(
+            "SELECT content, embedding, vector_dims(embedding) FROM themis.documents ORDER BY id"
+        ).fetchall()
+        assert {dims for _, _, dims in rows} == {embedder.dim}
+        stored = np.stack([vec.to_numpy() for _, vec, _ in rows])
+        np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(
+            stored[:4], embedder.embed([c for c, _, _ in rows[:4]]), atol=1e-5
+        )
+
+        # The change log saw every insert (the workers' incremental index depends on it).
+        inserted = conn.execute("SELECT count(*) FROM themis.changes WHERE op = 'I'").fetchone()
+        assert inserted == (n_docs,)
+
+        # Again: nothing changed, so nothing is embedded or rewritten.
+        ids = "SELECT array_agg(id ORDER BY id) FROM themis.documents"
+        ids_before = conn.execute(ids).fetchone()
+        counting = CountingEmbedder(embedder)
+        again = ingest_paths(conn, [sample_corpus_dir()], counting, progress=False)
+        assert again.files_seen == again.files_unchanged == len(files)
+        assert again.files_ingested == again.chunks_written == again.sources_deleted == 0
+        assert counting.texts == 0
+        assert conn.execute(ids).fetchone() == ids_before
+
+
+def test_sample_questions_find_their_documents(corpus_db: str, embedder: Any) -> None:
+    """The corpus, chunking and model together: each sample question's source ranks high."""
+    lines = (sample_corpus_dir().parent / "sample_questions.jsonl").read_text(encoding="utf-8")
+    questions = [json.loads(line) for line in lines.splitlines()]
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute(
+            "SELECT s.uri, d.content, d.embedding FROM themis.documents d"
+            " JOIN themis.sources s ON s.id = d.source_id"
+        ).fetchall()
+    names = [Path(uri).name for uri, _, _ in rows]
+    matrix = np.stack([vec.to_numpy() for _, _, vec in rows])
+    scores = embedder.embed([q["question"] for q in questions]) @ matrix.T
+    ranked = [[names[j] for j in np.argsort(-row)[:3]] for row in scores]
+    # The first question is the demo's: its top chunk must be the one with the answer.
+    best = int(np.argmax(scores[0]))
+    assert names[best] == questions[0]["source"]
+    assert questions[0]["expect"] in rows[best][1]
+    top1 = sum(top[0] == q["source"] for top, q in zip(ranked, questions, strict=True))
+    top3 = sum(q["source"] in top for top, q in zip(ranked, questions, strict=True))
+    assert top1 >= 0.8 * len(questions), ranked
+    assert top3 >= 0.95 * len(questions), ranked
+
+
+def test_ingest_reports_what_it_wrote(
+    conn: psycopg.Connection[Any], embedder: Any, small_corpus: Path
+) -> None:
     counting = CountingEmbedder(embedder)
-    report = ingest_paths(conn, [sample_corpus_dir()], counting, progress=False)
-
-    assert report.files_seen == report.files_ingested == len(files)
-    assert report.files_unchanged == 0
-    docs = documents(conn)
-    assert set(docs) == {source_uri(f) for f in files}
-    n_docs = sum(len(chunks) for chunks in docs.values())
+    assert corpus_row(conn) is None
+    report = ingest_paths(conn, [small_corpus], counting, progress=False, batch_size=2)
+    assert report.files_seen == report.files_ingested == report.sources_written == 3
+    assert report.files_unchanged == report.sources_deleted == 0
+    n_docs = sum(len(chunks) for chunks in documents(conn).values())
     assert report.chunks_written == n_docs == counting.texts
-    assert n_docs >= len(files)
-    for chunks in docs.values():
-        assert [index for _, index, _ in chunks] == list(range(len(chunks)))
     assert corpus_row(conn) == (embedder.name, embedder.dim)
-
-    # Each source records the hash of its text; each chunk carries its uri and title.
-    tls = sample_corpus_dir() / "tls-certificate-rotation.md"
-    source = conn.execute(
-        "SELECT sha256, metadata FROM themis.sources WHERE uri = %s", (source_uri(tls),)
-    ).fetchone()
-    assert source is not None
-    sha, meta = source
-    assert sha == text_sha256(tls.read_text(encoding="utf-8"))
-    assert meta["title"] == "Rotating TLS keys and certificates"
-    chunk_meta = conn.execute(
-        "SELECT d.metadata FROM themis.documents d JOIN themis.sources s ON s.id = d.source_id"
-        " WHERE s.uri = %s LIMIT 1",
-        (source_uri(tls),),
-    ).fetchone()
-    assert chunk_meta is not None
-    assert chunk_meta[0]["uri"] == source_uri(tls)
-    assert chunk_meta[0]["title"] == "Rotating TLS keys and certificates"
-
-    # Embeddings: the model's dimension, unit length, equal to embedding the content now.
-    rows = conn.execute(
-        "SELECT content, embedding, vector_dims(embedding) FROM themis.documents ORDER BY id"
-    ).fetchall()
-    assert {dims for _, _, dims in rows} == {embedder.dim}
-    stored = np.stack([vec.to_numpy() for _, vec, _ in rows])
-    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(stored[:4], embedder.embed([c for c, _, _ in rows[:4]]), atol=1e-5)
-
-    # The change log saw every insert (the workers' incremental index depends on it).
-    inserted = conn.execute("SELECT count(*) FROM themis.changes WHERE op = 'I'").fetchone()
-    assert inserted == (n_docs,)
-
-    # Again: nothing changed, so nothing is embedded or rewritten.
-    ids_before = conn.execute("SELECT array_agg(id ORDER BY id) FROM themis.documents").fetchone()
-    again = ingest_paths(conn, [sample_corpus_dir()], counting, progress=False)
-    assert again.files_seen == again.files_unchanged == len(files)
-    assert again.files_ingested == again.chunks_written == again.sources_deleted == 0
-    assert counting.texts == n_docs
-    ids_after = conn.execute("SELECT array_agg(id ORDER BY id) FROM themis.documents").fetchone()
-    assert ids_after == ids_before
 
 
 def test_changed_file_replaces_only_its_chunks(
@@ -266,3 +302,33 @@ def test_reembed_is_one_transaction(
     assert corpus_row(conn) == (embedder.name, embedder.dim)
     after = conn.execute("SELECT id, embedding FROM themis.documents ORDER BY id").fetchall()
     assert [(i, v.to_list()) for i, v in after] == [(i, v.to_list()) for i, v in before]
+
+
+def test_plain_connection_commits_each_batch(
+    migrated_db: str, embedder: Any, small_corpus: Path
+) -> None:
+    """On a non-autocommit connection the writes are committed, not left in a transaction."""
+    with psycopg.connect(migrated_db) as writer:
+        report = ingest_paths(writer, [small_corpus], embedder, progress=False)
+        assert writer.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with psycopg.connect(migrated_db, autocommit=True) as reader:
+            seen = reader.execute("SELECT count(*) FROM themis.documents").fetchone()
+        assert seen == (report.chunks_written,)
+
+
+def test_vectors_of_another_dimension_without_a_corpus_row_are_refused(
+    conn: psycopg.Connection[Any], embedder: Any, small_corpus: Path
+) -> None:
+    conn.execute("INSERT INTO themis.documents (content, embedding) VALUES ('x', '[1,0,0]')")
+    with pytest.raises(ModelMismatch, match="dim 3"):
+        ingest_paths(conn, [small_corpus], embedder, progress=False)
+    assert corpus_row(conn) is None
+
+
+def test_unreadable_file_stops_ingest_with_its_name(
+    conn: psycopg.Connection[Any], embedder: Any, small_corpus: Path
+) -> None:
+    bad = small_corpus / "zz-latin1.md"
+    bad.write_bytes("# Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(IngestError, match=r"zz-latin1\.md: not valid UTF-8 at byte offset 5"):
+        ingest_paths(conn, [small_corpus], embedder, progress=False)

@@ -81,7 +81,7 @@ def test_jsonl_one_document_per_line(tmp_path: Path) -> None:
         {"content": "first", "title": "One", "metadata": {"team": "web"}},
         {"text": "second, via the text field", "id": "doc-2"},
         {"content": "third", "id": 7},
-    ]
+    ]  # the blank line between the second and third is skipped
     body = "\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n"
     path = write(tmp_path / "docs.jsonl", body)
     docs = read_file(path)
@@ -95,8 +95,8 @@ def test_jsonl_one_document_per_line(tmp_path: Path) -> None:
         "team": "web",
         "title": "One",
     }
-    assert docs[1].metadata["id"] == "doc-2"
-    assert docs[2].metadata["line"] == 4  # the blank line 3 is skipped
+    assert docs[1].metadata == {"path": "docs.jsonl", "format": "jsonl", "id": "doc-2"}
+    assert docs[2].metadata == {"path": "docs.jsonl", "format": "jsonl", "id": 7}
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_directories_are_walked_sorted_skipping_hidden_and_unsupported(tmp_path:
     ]:
         write(tmp_path / name, "x")
     single = write(tmp_path.parent / f"{tmp_path.name}-single.txt", "y")
-    files = list(iter_files([tmp_path, single]))
+    files = list(iter_files([tmp_path, single, tmp_path / "b.md"]))  # b.md only once
     assert [f.relative_to(tmp_path).as_posix() for f in files[:-1]] == [
         "a.txt",
         "b.md",

@@ -53,10 +53,13 @@ class JobStore:
     def deregister(self) -> None:
         self._run("deregister", worker_id=self.worker_id)
 
-    def heartbeat(self, lease_s: float, stats: dict[str, Any], watermark: int | None) -> bool:
-        """Renew leases; False if our worker row is gone (pruned) and must be re-registered."""
+    def heartbeat(self, lease_s: float, active: Sequence[int], stats: dict[str, Any],
+                  watermark: int | None) -> bool:
+        """Renew the leases of ``active`` jobs; False if our worker row is gone (pruned) and
+        must be re-registered."""
         rows = self._run("heartbeat", worker_id=self.worker_id, lease=lease_s,
-                         stats=Jsonb(stats), watermark=None if watermark is None else str(watermark))
+                         active=list(active), stats=Jsonb(stats),
+                         watermark=None if watermark is None else str(watermark))
         return bool(rows)
 
     # -- jobs --------------------------------------------------------------------------

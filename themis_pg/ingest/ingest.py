@@ -129,35 +129,40 @@ def _mismatch(model: str, dim: int) -> ModelMismatch:
     )
 
 
-def check_corpus(conn: psycopg.Connection[Any], embedder: TextEmbedder, *, lock: bool) -> None:
-    """Record ``embedder`` in ``themis.corpus`` if it is empty, else raise ``ModelMismatch``
-    unless it names the same model and dimension.
+def check_corpus(conn: psycopg.Connection[Any], embedder: TextEmbedder, *, record: bool) -> None:
+    """Raise ``ModelMismatch`` unless ``themis.corpus`` is empty or names ``embedder``'s model
+    and dimension.
 
-    Run inside a transaction.  With ``lock`` the corpus row is held FOR SHARE until that
-    transaction ends, so a concurrent ``reembed`` cannot switch models under a write.
+    Run inside a transaction.  With ``record``, an empty corpus row is filled in with
+    ``embedder`` and the row is held FOR SHARE until that transaction ends, so a concurrent
+    ``reembed`` cannot switch models under a write.
     """
-    conn.execute(
-        "INSERT INTO themis.corpus (embedding_model, dim) VALUES (%s, %s)"
-        " ON CONFLICT (singleton) DO NOTHING",
-        (embedder.name, embedder.dim),
-    )
-    query = "SELECT embedding_model, dim FROM themis.corpus" + (" FOR SHARE" if lock else "")
+    query = "SELECT embedding_model, dim FROM themis.corpus" + (" FOR SHARE" if record else "")
     row = conn.execute(query).fetchone()
-    assert row is not None  # inserted above unless present
+    if row is None:
+        # No recorded model, but embeddings written by plain INSERTs still bind us.
+        other = conn.execute(
+            "SELECT vector_dims(embedding) FROM themis.documents"
+            " WHERE embedding IS NOT NULL AND vector_dims(embedding) <> %s LIMIT 1",
+            (embedder.dim,),
+        ).fetchone()
+        if other is not None:
+            raise ModelMismatch(
+                f"themis.documents holds embeddings of dim {other[0]}, but {embedder.name} "
+                f"makes dim {embedder.dim}; re-embed with `themis reembed`"
+            )
+        if not record:
+            return
+        conn.execute(
+            "INSERT INTO themis.corpus (embedding_model, dim) VALUES (%s, %s)"
+            " ON CONFLICT (singleton) DO NOTHING",
+            (embedder.name, embedder.dim),
+        )
+        row = conn.execute(query).fetchone()  # ours, or a concurrent ingest's
+        assert row is not None
     model, dim = row
     if model != embedder.name or dim != embedder.dim:
         raise _mismatch(model, dim)
-    # Embeddings written without a recorded model (plain INSERTs of vectors) still bind us.
-    other = conn.execute(
-        "SELECT vector_dims(embedding) FROM themis.documents"
-        " WHERE embedding IS NOT NULL AND vector_dims(embedding) <> %s LIMIT 1",
-        (embedder.dim,),
-    ).fetchone()
-    if other is not None:
-        raise ModelMismatch(
-            f"themis.documents holds embeddings of dim {other[0]}, but {embedder.name} "
-            f"makes dim {embedder.dim}; re-embed with `themis reembed`"
-        )
 
 
 def _embed(embedder: TextEmbedder, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -214,7 +219,7 @@ def _write(
     """Replace the chunks of ``pending`` sources and delete ``deletes``, in one transaction.
     Returns the number of sources deleted."""
     with conn.transaction():
-        check_corpus(conn, embedder, lock=True)
+        check_corpus(conn, embedder, record=True)
         deleted = 0
         if deletes:
             cur = conn.execute("DELETE FROM themis.sources WHERE uri = ANY(%s)", (list(deletes),))
@@ -232,6 +237,8 @@ def _write(
             ids.append(row[0])
         if ids:
             conn.execute("DELETE FROM themis.documents WHERE source_id = ANY(%s)", (ids,))
+        if not any(src.chunks for src in pending):
+            return deleted
         with conn.cursor() as cur, cur.copy(_COPY_DOCUMENTS) as copy:
             copy.set_types(_COPY_TYPES)
             for source_id, src in zip(ids, pending, strict=True):
@@ -274,7 +281,7 @@ def ingest_paths(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     register_vector(conn)
     with conn.transaction():
-        check_corpus(conn, embedder, lock=False)
+        check_corpus(conn, embedder, record=False)
     chunking = {
         "version": CHUNKER_VERSION,
         "max_chars": max_chars,

@@ -165,7 +165,7 @@ def _read_jsonl(path: Path) -> list[RawDocument]:
         content = obj.get("content", obj.get("text"))
         if not isinstance(content, str):
             raise IngestError(f'{where}: needs a string "content" (or "text") field')
-        meta: dict[str, Any] = {"path": path.name, "format": "jsonl", "line": lineno}
+        meta: dict[str, Any] = {"path": path.name, "format": "jsonl"}
         extra = obj.get("metadata", {})
         if not isinstance(extra, dict):
             raise IngestError(f'{where}: "metadata" must be a JSON object')
@@ -178,6 +178,7 @@ def _read_jsonl(path: Path) -> list[RawDocument]:
         doc_id = obj.get("id")
         if doc_id is None:
             uri = f"{base}#L{lineno}"
+            meta["line"] = lineno  # not for lines with an id: they may move freely
         elif isinstance(doc_id, str | int) and not isinstance(doc_id, bool):
             meta["id"] = doc_id
             uri = f"{base}#{doc_id}"
@@ -227,21 +228,28 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
     skipping hidden files and directories and files of unsupported types (which are logged).
 
     A file named explicitly is yielded whatever its type, so ``read_file`` can reject it
-    loudly; a missing path raises ``IngestError``.
+    loudly; a file reached twice (named and inside a named directory) is yielded once; a
+    missing path raises ``IngestError``.
     """
+    seen: set[str] = set()
     for path in paths:
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if not child.is_file() or _is_hidden(child, path):
-                    continue
-                if child.suffix.lower() not in SUPPORTED_SUFFIXES:
-                    log.info("skipping %s: unsupported file type", child)
-                    continue
-                yield child
+            candidates = [
+                child
+                for child in sorted(path.rglob("*"))
+                if child.is_file() and not _is_hidden(child, path)
+            ]
         elif path.is_file():
-            yield path
+            candidates = [path]
         else:
             raise IngestError(f"{path}: no such file or directory")
+        for child in candidates:
+            if child is not path and child.suffix.lower() not in SUPPORTED_SUFFIXES:
+                log.info("skipping %s: unsupported file type", child)
+                continue
+            if (uri := source_uri(child)) not in seen:
+                seen.add(uri)
+                yield child
 
 
 def read_documents(paths: Sequence[Path]) -> Iterator[tuple[Path, list[RawDocument]]]:

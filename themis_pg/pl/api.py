@@ -146,7 +146,7 @@ class Session:
         if remaining <= 0:
             raise PLError(f"themis call timed out after {self.timeout_s:g} s", sqlstate="57014")
         outcome = self.bus.call(kind, json.dumps(payload), self.caller, remaining,
-                                self.check_interrupts)
+                                self.check_interrupts, call_timeout_s=self.timeout_s)
         return _result_or_raise(kind, outcome)
 
 

@@ -102,18 +102,18 @@ class BusClient:
     def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run one statement, reconnecting once if the connection was dropped."""
         for attempt in (1, 2):
+            conn = self.conn
             try:
-                return self.conn.execute(sql, params).fetchall()
-            except psycopg.OperationalError:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.Error as exc:
+                if not (conn.broken or conn.closed):  # an error of the statement itself
+                    raise PLError(exc.diag.message_primary or str(exc),
+                                  sqlstate=exc.sqlstate or "XX000",
+                                  hint=exc.diag.message_hint) from exc
                 self._reset()
                 if attempt == 2:
-                    raise
-            except psycopg.Error as exc:
-                raise PLError(
-                    exc.diag.message_primary or str(exc),
-                    sqlstate=exc.sqlstate or "XX000",
-                    hint=exc.diag.message_hint,
-                ) from exc
+                    raise PLError(f"themis lost its bus connection: {str(exc).strip()}",
+                                  sqlstate="08006") from exc
         raise AssertionError("unreachable")
 
     # -- protocol -------------------------------------------------------------------------
@@ -161,8 +161,13 @@ class BusClient:
         return woke
 
     def call(self, kind: str, payload: str, caller: Caller, timeout_s: float,
-             check_interrupts: Callable[[], None]) -> JobOutcome:
-        """Submit a job and wait for its outcome, honouring cancels and the timeout."""
+             check_interrupts: Callable[[], None], *,
+             call_timeout_s: float | None = None) -> JobOutcome:
+        """Submit a job and wait for its outcome, honouring cancels and the timeout.
+
+        ``timeout_s`` is what is left of the SQL call's ``call_timeout_s`` (for messages).
+        """
+        stated = timeout_s if call_timeout_s is None else call_timeout_s
         token = secrets.token_hex(16)
         job_id = self.submit(kind, payload, caller, token, timeout_s)
         deadline = time.monotonic() + timeout_s
@@ -182,8 +187,9 @@ class BusClient:
                             hint="Start one with `themis worker`.")
                     next_check = now + self.poll_interval
                 if now >= deadline:
-                    self.cancel(job_id, token, f"timed out after {timeout_s:g} s")
-                    raise PLError(f"themis {kind} job timed out after {timeout_s:g} s",
+                    self.cancel(job_id, token, f"timed out after {stated:g} s")
+                    raise PLError(f"themis call timed out after {stated:g} s "
+                                  f"(waiting for its {kind} job)",
                                   sqlstate="57014",
                                   hint="Pass a larger timeout_s or add workers.")
                 try:

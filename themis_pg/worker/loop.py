@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PRUNE_EVERY_S = 60.0
+T = TypeVar("T")
 
 
 def connect(dsn: str) -> psycopg.Connection[Any]:
@@ -119,13 +120,24 @@ class Lane(threading.Thread):
             try:
                 self.serve(store, jobs)
             except psycopg.OperationalError as exc:
-                # The database went away mid-batch: the leases lapse and the reaper re-queues.
+                # The database connection broke mid-batch: put what is unfinished back.
                 self._drop_connection(exc, failures)
+                self.with_store(lambda s: s.release(ids))
             except Exception:
                 log.exception("lane %s crashed on jobs %s", self.name, ids)
                 self._fail_all(store, jobs, "internal error in the worker", "XX000")
             finally:
                 self.worker.registry.end(ids)
+
+    def with_store(self, action: Callable[[JobStore], T]) -> T | None:
+        """Run a bus statement, reconnecting on a broken connection (a few tries; after that
+        the job's lease lapses and the reaper of any worker re-queues it)."""
+        for attempt in range(len(RECONNECT_BACKOFF_S)):
+            try:
+                return action(self._ensure_store())
+            except psycopg.OperationalError as exc:
+                self._drop_connection(exc, attempt)
+        return None
 
     def _drop_connection(self, exc: Exception, failures: int) -> None:
         delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
@@ -151,10 +163,10 @@ class Lane(threading.Thread):
             result, answer = work()
         except ThemisError as exc:
             log.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
-            store.fail(job.id, exc.message, exc.sqlstate)
+            self.with_store(lambda s: s.fail(job.id, exc.message, exc.sqlstate))
             self.worker.count("failed")
             return
-        if store.finish(job.id, result, answer):
+        if self.with_store(lambda s: s.finish(job.id, result, answer)):
             self.worker.count("done")
         else:
             log.info("job %d was cancelled or taken over; result dropped", job.id)
@@ -189,7 +201,7 @@ class SearchLane(Lane):
                 worker.index.sync(self.conn, embed=worker.embedder.embed)
             except ModelMismatch as exc:
                 for job in searches:
-                    store.fail(job.id, exc.message, exc.sqlstate)
+                    self.with_store(lambda s, j=job, e=exc: s.fail(j.id, e.message, e.sqlstate))
                 searches = []
         good: list[tuple[Job, str, int]] = []
         for job in searches:
@@ -200,7 +212,8 @@ class SearchLane(Lane):
                     raise InvalidInput(f"n must be positive, got {n}")
                 good.append((job, query, n))
             except (ThemisError, TypeError, ValueError) as exc:
-                store.fail(job.id, f"bad search job: {exc}", "22023")
+                self.with_store(lambda s, j=job, e=exc: s.fail(j.id, f"bad search job: {e}",
+                                                               "22023"))
         if good:
             found = search_batch(worker.index, worker.embedder, [q for _, q, _ in good],
                                  [n for _, _, n in good])
@@ -251,7 +264,7 @@ class GenerateLane(Lane):
                 if worker.registry.is_cancelled(job.id):
                     log.info("job %d cancelled by its caller; generation stopped", job.id)
                 else:
-                    store.release([job.id])
+                    self.with_store(lambda s, j=job: s.release([j.id]))
 
 
 class _Abandoned(Exception):
@@ -295,7 +308,8 @@ class Housekeeper(threading.Thread):
         if self.conn is None or self.conn.closed or self.conn.broken:
             self.conn = connect(worker.dsn)
         store = JobStore(self.conn, worker.worker_id)
-        if not store.heartbeat(worker.settings.lease, worker.stats(), worker.index.watermark):
+        if not store.heartbeat(worker.settings.lease, worker.registry.active(), worker.stats(),
+                               worker.index.watermark):
             log.warning("worker row was missing; registering again")
             store.register(worker.kinds, worker.stats())
         lost = store.reap_lost()
