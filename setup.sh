@@ -46,8 +46,21 @@ install_apt_packages() {
     return
   fi
   say "system packages: installing ${missing[*]}"
+  # A machine whose CA bundle was put in place by hand (no ca-certificates package yet) would
+  # lose those certificates when the package rebuilds the bundle: keep them as a local CA file.
+  local bundle=/etc/ssl/certs/ca-certificates.crt keep=""
+  if printf '%s\n' "${missing[@]}" | grep -qx ca-certificates && [ -s "$bundle" ]; then
+    keep=$(mktemp); cp "$bundle" "$keep"
+  fi
   apt_get update
   apt_get install --no-install-recommends "${missing[@]}"
+  if [ -n "$keep" ]; then
+    if ! cmp -s "$keep" "$bundle"; then
+      as_root install -D -m 644 "$keep" /usr/local/share/ca-certificates/themis-preserved-bundle.crt
+      as_root update-ca-certificates >/dev/null
+    fi
+    rm -f "$keep"
+  fi
 }
 
 debian_mirror() {  # the first Debian mirror this machine's apt already uses

@@ -79,7 +79,7 @@ def _docker_available() -> bool:
     try:
         import docker
 
-        docker.from_env().ping()
+        docker.from_env().ping()  # type: ignore[attr-defined]
         return True
     except Exception:
         return False
@@ -294,7 +294,7 @@ def user_role(server: Server) -> Iterator[Callable[[str, str], str]]:
         made.append(role)
         return make_conninfo(dsn, user=role)
 
-    yield make  # type: ignore[misc]
+    yield make
 
     with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
         for role in made:  # roles whose grants live in a dropped clone drop cleanly

@@ -362,7 +362,7 @@ def test_converter_rejects_non_bert(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="absolute"):
         convert_sentence_transformer(tmp_path, tmp_path / "out.gguf", name="x")
     with pytest.raises(ValueError, match="dtype"):
-        convert_sentence_transformer(tmp_path, tmp_path / "out.gguf", name="x", dtype="q8")  # type: ignore[arg-type]
+        convert_sentence_transformer(tmp_path, tmp_path / "out.gguf", name="x", dtype="q8")
 
 
 def test_converter_f32_agrees_with_f16(

@@ -6,7 +6,7 @@ import pytest
 
 from themis_pg.bus.queries import parse_named_queries, queries
 from themis_pg.errors import ContextOverflow
-from themis_pg.generation.prompt import Context, build_raw_prompt, build_rag_prompt
+from themis_pg.generation.prompt import Context, build_rag_prompt, build_raw_prompt
 
 
 def count(text: str) -> int:
@@ -32,7 +32,8 @@ def test_low_ranked_sources_are_dropped_or_cut_to_fit():
     built = build_rag_prompt("q", ctxs, n_ctx=1000, max_tokens=100, count_tokens=count,
                              truncate=truncate)
     assert built.contexts_used == 2  # the second one cut short, the third dropped
-    assert count(built.messages[-1]["content"]) + count(built.messages[0]["content"]) <= 1000 - 100
+    used = count(built.messages[-1]["content"]) + count(built.messages[0]["content"])
+    assert used <= 1000 - 100
     assert "[3]" not in built.messages[-1]["content"]
 
 
@@ -45,7 +46,8 @@ def test_question_too_long_is_a_context_overflow():
 def test_raw_prompt_too_long():
     with pytest.raises(ContextOverflow):
         build_raw_prompt(" ".join(["w"] * 90), n_ctx=100, max_tokens=20, count_tokens=count)
-    assert build_raw_prompt("short", n_ctx=100, max_tokens=20, count_tokens=count).contexts_used == 0
+    short = build_raw_prompt("short", n_ctx=100, max_tokens=20, count_tokens=count)
+    assert short.contexts_used == 0
 
 
 def test_named_queries_parse():

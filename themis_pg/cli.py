@@ -174,7 +174,7 @@ def models_register(ctx: Context, name: str, kind: str, path: Path, make_default
 
     try:
         with connect(ctx.dsn) as conn:
-            rec = register_model(conn, name, kind, path.resolve(),  # type: ignore[arg-type]
+            rec = register_model(conn, name, kind, path.resolve(),
                                  default=make_default)
     except ThemisError as exc:
         _fail(exc)
@@ -234,7 +234,8 @@ def worker(ctx: Context, kinds: str) -> None:
     from .worker.loop import Worker
 
     try:
-        Worker(ctx.settings, ctx.dsn, kinds=[k.strip() for k in kinds.split(",") if k.strip()]).run()
+        wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+        Worker(ctx.settings, ctx.dsn, kinds=wanted).run()
     except ThemisError as exc:
         _fail(exc)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput, ModelNotFound
-from .prompt import BuiltPrompt, build_raw_prompt, build_rag_prompt, contexts_from_payload
+from .prompt import BuiltPrompt, build_rag_prompt, build_raw_prompt, contexts_from_payload
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class LlamaGenerator:
         for chunk in stream:
             delta = chunk["choices"][0]["delta"]  # type: ignore[index]
             text = delta.get("content")  # type: ignore[union-attr]
-            if text:
+            if isinstance(text, str) and text:
                 pieces.append(text)
                 completion_tokens += 1
             if should_stop():

@@ -16,6 +16,7 @@ Only the standard library and psycopg (Debian's python3-psycopg) may be imported
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import select
 import time
@@ -93,10 +94,8 @@ class BusClient:
 
     def _reset(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._conn.close()
-            except Exception:
-                pass
         self._conn = None
 
     def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

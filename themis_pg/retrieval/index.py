@@ -66,7 +66,8 @@ def parse_binary_copy(data: bytes | bytearray | memoryview,
 def normalize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
-    return (vectors / norms).astype(np.float32)
+    unit: npt.NDArray[np.float32] = (vectors / norms).astype(np.float32)
+    return unit
 
 
 def parse_vector_text(text: str) -> npt.NDArray[np.float32]:

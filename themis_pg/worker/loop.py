@@ -17,6 +17,7 @@ current step, unfinished jobs go back to the queue, the worker row is removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -122,12 +123,19 @@ class Lane(threading.Thread):
             except psycopg.OperationalError as exc:
                 # The database connection broke mid-batch: put what is unfinished back.
                 self._drop_connection(exc, failures)
-                self.with_store(lambda s: s.release(ids))
+                self.release(ids)
             except Exception:
                 log.exception("lane %s crashed on jobs %s", self.name, ids)
                 self._fail_all(store, jobs, "internal error in the worker", "XX000")
             finally:
                 self.worker.registry.end(ids)
+
+    def release(self, ids: list[int]) -> None:
+        self.with_store(lambda store: store.release(ids))
+
+    def fail(self, job_id: int, message: str, sqlstate: str) -> None:
+        self.with_store(lambda store: store.fail(job_id, message, sqlstate))
+        self.worker.count("failed")
 
     def with_store(self, action: Callable[[JobStore], T]) -> T | None:
         """Run a bus statement, reconnecting on a broken connection (a few tries; after that
@@ -163,8 +171,7 @@ class Lane(threading.Thread):
             result, answer = work()
         except ThemisError as exc:
             log.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
-            self.with_store(lambda s: s.fail(job.id, exc.message, exc.sqlstate))
-            self.worker.count("failed")
+            self.fail(job.id, exc.message, exc.sqlstate)
             return
         if self.with_store(lambda s: s.finish(job.id, result, answer)):
             self.worker.count("done")
@@ -173,6 +180,10 @@ class Lane(threading.Thread):
 
     def serve(self, store: JobStore, jobs: list[Job]) -> None:
         raise NotImplementedError
+
+
+def _with_no_answer(result: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    return result, None
 
 
 def _require_text(payload: dict[str, Any], key: str) -> str:
@@ -201,7 +212,7 @@ class SearchLane(Lane):
                 worker.index.sync(self.conn, embed=worker.embedder.embed)
             except ModelMismatch as exc:
                 for job in searches:
-                    self.with_store(lambda s, j=job, e=exc: s.fail(j.id, e.message, e.sqlstate))
+                    self.fail(job.id, exc.message, exc.sqlstate)
                 searches = []
         good: list[tuple[Job, str, int]] = []
         for job in searches:
@@ -212,8 +223,7 @@ class SearchLane(Lane):
                     raise InvalidInput(f"n must be positive, got {n}")
                 good.append((job, query, n))
             except (ThemisError, TypeError, ValueError) as exc:
-                self.with_store(lambda s, j=job, e=exc: s.fail(j.id, f"bad search job: {e}",
-                                                               "22023"))
+                self.fail(job.id, f"bad search job: {exc}", "22023")
         if good:
             found = search_batch(worker.index, worker.embedder, [q for _, q, _ in good],
                                  [n for _, _, n in good])
@@ -224,7 +234,7 @@ class SearchLane(Lane):
                           "exhausted": exhausted, "model": worker.embedder.name,
                           "embed_ms": round(share, 3), "search_ms": round(found.search_ms, 3),
                           "index_size": len(worker.index)}
-                self.finish_or_fail(store, job, lambda r=result: (r, None))
+                self.finish_or_fail(store, job, functools.partial(_with_no_answer, result))
         for job in embeds:
             def work(job: Job = job) -> tuple[dict[str, Any], str | None]:
                 vector = worker.embedder.embed([_require_text(job.payload, "text")])[0]
@@ -264,7 +274,7 @@ class GenerateLane(Lane):
                 if worker.registry.is_cancelled(job.id):
                     log.info("job %d cancelled by its caller; generation stopped", job.id)
                 else:
-                    self.with_store(lambda s, j=job: s.release([j.id]))
+                    self.release([job.id])
 
 
 class _Abandoned(Exception):
