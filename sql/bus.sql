@@ -55,7 +55,7 @@ $$;
 -- then cleared: it may hold ids of rows the caller cannot see.
 CREATE OR REPLACE FUNCTION themis.bus_take(p_id bigint, p_token text)
 RETURNS TABLE (status text, result jsonb, answer text, error text, error_sqlstate text,
-               worker_alive boolean)
+               error_hint text, worker_alive boolean)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
 DECLARE
     r themis.jobs%ROWTYPE;
@@ -66,12 +66,24 @@ BEGIN
     END IF;
     IF r.status IN ('done', 'failed', 'cancelled') THEN
         UPDATE themis.jobs j SET result = NULL WHERE j.id = p_id AND j.result IS NOT NULL;
-        RETURN QUERY SELECT r.status, r.result, r.answer, r.error, r.error_sqlstate, true;
+        RETURN QUERY SELECT r.status, r.result, r.answer, r.error, r.error_sqlstate,
+                            r.error_hint, true;
     ELSE
         RETURN QUERY SELECT r.status, NULL::jsonb, NULL::text, NULL::text, NULL::text,
-                            themis.live_worker_exists(r.kind);
+                            NULL::text, themis.live_worker_exists(r.kind);
     END IF;
 END
+$$;
+
+-- Where the SQL functions' autonomous connection goes: bus_dsn from themis.config, else this
+-- server's own unix socket.  SECURITY DEFINER because unix_socket_directories is readable only
+-- with pg_read_all_settings.
+CREATE OR REPLACE FUNCTION themis.bus_endpoint(
+    OUT dsn text, OUT socket_dir text, OUT port text, OUT dbname text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+    SELECT (SELECT value #>> '{}' FROM themis.config WHERE key = 'bus_dsn'),
+           trim(split_part(current_setting('unix_socket_directories'), ',', 1)),
+           current_setting('port'), current_database()
 $$;
 
 -- The waiter gave up (cancel, timeout, no worker): free the worker's slot.
@@ -92,6 +104,7 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION themis.config_value(text), themis.live_worker_exists(text),
+    themis.bus_endpoint(),
     themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
     themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
@@ -99,6 +112,7 @@ GRANT EXECUTE ON FUNCTION
     themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) TO themis_bus;
 GRANT EXECUTE ON FUNCTION themis.config_value(text), themis.live_worker_exists(text)
     TO themis_bus, themis_user;
+GRANT EXECUTE ON FUNCTION themis.bus_endpoint() TO themis_user;
 
 -- What any themis user may know about the service: no document counts (RLS may hide rows),
 -- no other users' jobs.

@@ -8,9 +8,17 @@
 -- INVOKER) so that GRANTs and row-level security decide which documents a call may use,
 -- with a pinned search_path.  EXECUTE is for themis_user (and the owner) only.
 
-CREATE OR REPLACE FUNCTION themis.clean_error(message text) RETURNS text
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT regexp_replace(message, '^(plpy\.Error|spiexceptions\.[A-Za-z]+): ', '')
+-- Re-raise an error caught by a wrapper with PL/Python's "plpy.Error: " (or
+-- "spiexceptions.X: ") prefix removed, keeping its SQLSTATE and (non-empty) hint.
+CREATE OR REPLACE FUNCTION themis.reraise(message text, state text, hint text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    message := regexp_replace(message, '^(plpy\.Error|spiexceptions\.[A-Za-z]+): ', '');
+    IF coalesce(hint, '') IN ('', 'None') THEN
+        RAISE EXCEPTION USING MESSAGE = message, ERRCODE = state;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = message, ERRCODE = state, HINT = hint;
+END
 $$;
 
 -- PL/Python implementations (internal).
@@ -60,7 +68,7 @@ BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
-    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+    PERFORM themis.reraise(msg, state, hint);
 END
 $$;
 
@@ -74,7 +82,7 @@ BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true)::jsonb;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
-    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+    PERFORM themis.reraise(msg, state, hint);
 END
 $$;
 
@@ -87,7 +95,7 @@ BEGIN
     RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
-    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+    PERFORM themis.reraise(msg, state, hint);
 END
 $$;
 
@@ -100,7 +108,7 @@ BEGIN
     RETURN themis.embed_py(input, timeout_s)::vector;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
-    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+    PERFORM themis.reraise(msg, state, hint);
 END
 $$;
 
@@ -114,12 +122,12 @@ BEGIN
     RETURN themis.generate_py(prompt, max_tokens, temperature, timeout_s);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
-    RAISE EXCEPTION USING MESSAGE = themis.clean_error(msg), ERRCODE = state, HINT = hint;
+    PERFORM themis.reraise(msg, state, hint);
 END
 $$;
 
 REVOKE ALL ON FUNCTION
-    themis.clean_error(text),
+    themis.reraise(text, text, text),
     themis.rag_py(text, integer, integer, double precision, double precision, boolean),
     themis.search_py(text, integer, double precision),
     themis.embed_py(text, double precision),
@@ -131,7 +139,7 @@ REVOKE ALL ON FUNCTION
     public.themis_generate(text, integer, double precision, double precision)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    themis.clean_error(text),
+    themis.reraise(text, text, text),
     themis.rag_py(text, integer, integer, double precision, double precision, boolean),
     themis.search_py(text, integer, double precision),
     themis.embed_py(text, double precision),

@@ -35,7 +35,7 @@ SELECT pg_notify(reply_channel, id::text) FROM done;
 WITH failed AS (
     UPDATE themis.jobs
        SET status = 'failed', error = %(error)s, error_sqlstate = %(sqlstate)s,
-           finished_at = now(), lease_until = NULL
+           error_hint = %(hint)s, finished_at = now(), lease_until = NULL
      WHERE id = %(id)s AND worker_id = %(worker_id)s AND status = 'running'
     RETURNING id, reply_channel
 )

@@ -156,6 +156,7 @@ CREATE TABLE themis.jobs (
     result         jsonb,
     error          text,
     error_sqlstate text,
+    error_hint     text,
     created_at     timestamptz NOT NULL DEFAULT now(),
     started_at     timestamptz,
     finished_at    timestamptz
@@ -174,7 +175,7 @@ CREATE POLICY jobs_worker_all ON themis.jobs FOR ALL TO themis_worker USING (tru
 GRANT SELECT ON themis.documents, themis.sources, themis.corpus, themis.models, themis.config
     TO themis_user;
 GRANT SELECT (id, kind, payload, status, requested_by, deadline, attempts, answer, error,
-              error_sqlstate, created_at, started_at, finished_at)
+              error_sqlstate, error_hint, created_at, started_at, finished_at)
     ON themis.jobs TO themis_user;
 
 -- The worker's rights, for deployments where it does not log in as the owner.

@@ -73,9 +73,9 @@ class JobStore:
         return bool(self._run("finish", id=job_id, worker_id=self.worker_id,
                               result=Jsonb(result), answer=answer))
 
-    def fail(self, job_id: int, error: str, sqlstate: str) -> bool:
+    def fail(self, job_id: int, error: str, sqlstate: str, hint: str | None = None) -> bool:
         return bool(self._run("fail", id=job_id, worker_id=self.worker_id, error=error,
-                              sqlstate=sqlstate))
+                              sqlstate=sqlstate, hint=hint))
 
     def release(self, ids: Sequence[int] | None = None) -> int:
         """Put our running jobs (or just ``ids``) back in the queue, attempt not counted."""

@@ -84,6 +84,9 @@ class LlamaGenerator:
         pieces: list[str] = []
         completion_tokens = 0
         stopped = False
+        # Evaluate every prompt from scratch: reusing the previous prompt's KV cache changes
+        # the batch split, hence float rounding, hence greedy outputs.  Same input, same answer.
+        self._llm.reset()
         stream = self._llm.create_chat_completion(
             messages=prompt.messages,  # type: ignore[arg-type]
             max_tokens=int(payload["max_tokens"]),

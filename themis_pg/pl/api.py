@@ -34,7 +34,9 @@ def _raises_sql_errors(func: F) -> F:
         try:
             return func(plpy, *args, **kwargs)
         except PLError as exc:
-            plpy.error(exc.message, hint=exc.hint, sqlstate=exc.sqlstate)
+            if exc.hint:
+                plpy.error(exc.message, hint=exc.hint, sqlstate=exc.sqlstate)
+            plpy.error(exc.message, sqlstate=exc.sqlstate)
 
     return wrapper  # type: ignore[return-value]
 
@@ -92,15 +94,13 @@ def validate_generation(config: dict[str, Any], max_tokens: Any,
 
 
 # -- the bus from this backend -------------------------------------------------------------
-def bus_dsn(plpy: Any, config: dict[str, Any]) -> str:
+def bus_dsn(plpy: Any) -> str:
     """``bus_dsn`` from themis.config, else this server's own unix socket and database."""
-    if config.get("bus_dsn"):
-        return str(config["bus_dsn"])
-    row = plpy.execute(
-        "SELECT split_part(current_setting('unix_socket_directories'), ',', 1) AS host, "
-        "current_setting('port') AS port, current_database() AS db")[0]
-    host = row["host"].strip() or "localhost"
-    parts = {"host": host, "port": row["port"], "dbname": row["db"], "user": "themis_bus"}
+    row = plpy.execute("SELECT dsn, socket_dir, port, dbname FROM themis.bus_endpoint()")[0]
+    if row["dsn"]:
+        return str(row["dsn"])
+    parts = {"host": row["socket_dir"] or "localhost", "port": row["port"],
+             "dbname": row["dbname"], "user": "themis_bus"}
     return " ".join(f"{k}='{_quote(v)}'" for k, v in parts.items())
 
 
@@ -108,8 +108,8 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def get_bus(plpy: Any, GD: dict[str, Any], config: dict[str, Any]) -> BusClient:
-    dsn = bus_dsn(plpy, config)
+def get_bus(plpy: Any, GD: dict[str, Any]) -> BusClient:
+    dsn = bus_dsn(plpy)
     bus = GD.get("themis_bus")
     if not isinstance(bus, BusClient) or bus.dsn != dsn:
         bus = BusClient(dsn)
@@ -133,7 +133,7 @@ class Session:
         self.config = load_config(plpy)
         self.timeout_s = validate_timeout(timeout_s, self.config)
         self.deadline = time.monotonic() + self.timeout_s
-        self.bus = get_bus(plpy, GD, self.config)
+        self.bus = get_bus(plpy, GD)
         self.caller = current_caller(plpy)
         self._ping = plpy.prepare("SELECT 1")
 
@@ -156,7 +156,8 @@ def _result_or_raise(kind: str, outcome: JobOutcome) -> dict[str, Any]:
     if outcome.status == "cancelled":
         raise PLError(f"themis {kind} job was cancelled: {outcome.error or 'no reason given'}",
                       sqlstate=outcome.error_sqlstate or "57014")
-    raise PLError(f"themis {kind} job failed: {outcome.error or 'no reason given'}",
+    # The worker's message names the problem; its SQLSTATE and hint come along.
+    raise PLError(outcome.error or f"themis {kind} job failed", hint=outcome.error_hint,
                   sqlstate=outcome.error_sqlstate or "XX000")
 
 

@@ -48,6 +48,7 @@ class JobOutcome:
     answer: str | None
     error: str | None
     error_sqlstate: str | None
+    error_hint: str | None = None
 
 
 class BusClient:
@@ -128,16 +129,16 @@ class BusClient:
     def take(self, job_id: int, token: str) -> tuple[JobOutcome | None, bool]:
         """The job's outcome once it has one (else None), and whether a worker is alive."""
         rows = self._execute(
-            "SELECT status, result, answer, error, error_sqlstate, worker_alive "
+            "SELECT status, result, answer, error, error_sqlstate, error_hint, worker_alive "
             "FROM themis.bus_take(%s, %s)", (job_id, token),
         )
         if not rows:
             return JobOutcome("failed", None, None, "job vanished from themis.jobs",
                               "XX000"), True
-        status, result, answer, error, sqlstate, alive = rows[0]
+        status, result, answer, error, sqlstate, hint, alive = rows[0]
         if status not in TERMINAL:
             return None, bool(alive)
-        return JobOutcome(status, result, answer, error, sqlstate), True
+        return JobOutcome(status, result, answer, error, sqlstate, hint), True
 
     def cancel(self, job_id: int, token: str, reason: str) -> None:
         """Best effort: the worker's orphan check catches what this misses."""

@@ -133,8 +133,8 @@ class Lane(threading.Thread):
     def release(self, ids: list[int]) -> None:
         self.with_store(lambda store: store.release(ids))
 
-    def fail(self, job_id: int, message: str, sqlstate: str) -> None:
-        self.with_store(lambda store: store.fail(job_id, message, sqlstate))
+    def fail(self, job_id: int, message: str, sqlstate: str, hint: str | None = None) -> None:
+        self.with_store(lambda store: store.fail(job_id, message, sqlstate, hint))
         self.worker.count("failed")
 
     def with_store(self, action: Callable[[JobStore], T]) -> T | None:
@@ -171,7 +171,7 @@ class Lane(threading.Thread):
             result, answer = work()
         except ThemisError as exc:
             log.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
-            self.fail(job.id, exc.message, exc.sqlstate)
+            self.fail(job.id, exc.message, exc.sqlstate, exc.hint)
             return
         if self.with_store(lambda s: s.finish(job.id, result, answer)):
             self.worker.count("done")
@@ -212,7 +212,7 @@ class SearchLane(Lane):
                 worker.index.sync(self.conn, embed=worker.embedder.embed)
             except ModelMismatch as exc:
                 for job in searches:
-                    self.fail(job.id, exc.message, exc.sqlstate)
+                    self.fail(job.id, exc.message, exc.sqlstate, exc.hint)
                 searches = []
         good: list[tuple[Job, str, int]] = []
         for job in searches:
