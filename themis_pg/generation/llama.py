@@ -86,7 +86,7 @@ class LlamaGenerator:
         stopped = False
         # Evaluate every prompt from scratch: reusing the previous prompt's KV cache changes
         # the batch split, hence float rounding, hence greedy outputs.  Same input, same answer.
-        self._llm.reset()
+        self._llm.reset()  # type: ignore[no-untyped-call]
         stream = self._llm.create_chat_completion(
             messages=prompt.messages,  # type: ignore[arg-type]
             max_tokens=int(payload["max_tokens"]),
