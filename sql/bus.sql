@@ -40,19 +40,22 @@ BEGIN
             USING ERRCODE = '53000',
                   HINT = 'Retry later, add workers, or raise max_queue_depth in themis.config.';
     END IF;
+    -- A submit re-sent after a dropped connection finds its first attempt by token.
     INSERT INTO themis.jobs (kind, payload, requested_by, caller_pid, caller_started,
                              reply_channel, reply_token, deadline, max_attempts)
     VALUES (p_kind, p_payload, p_requested_by, p_caller_pid, p_caller_started,
             p_reply_channel, p_reply_token, now() + make_interval(secs => p_timeout_s),
             (themis.config_value('max_attempts') #>> '{}')::integer)
+    ON CONFLICT (reply_token) DO UPDATE SET reply_token = EXCLUDED.reply_token
     RETURNING id INTO v_id;
     PERFORM pg_notify('themis_jobs', p_kind);
     RETURN v_id;
 END
 $$;
 
--- The job's state for its waiter.  A finished job's internal result is handed over once and
--- then cleared: it may hold ids of rows the caller cannot see.
+-- The job's state for its waiter.  Only the waiter (who knows the token) reads the internal
+-- result, and acknowledges it with bus_ack, which clears it: it may hold ids of rows the
+-- caller cannot see.
 CREATE OR REPLACE FUNCTION themis.bus_take(p_id bigint, p_token text)
 RETURNS TABLE (status text, result jsonb, answer text, error text, error_sqlstate text,
                error_hint text, worker_alive boolean)
@@ -65,7 +68,6 @@ BEGIN
         RETURN;
     END IF;
     IF r.status IN ('done', 'failed', 'cancelled') THEN
-        UPDATE themis.jobs j SET result = NULL WHERE j.id = p_id AND j.result IS NOT NULL;
         RETURN QUERY SELECT r.status, r.result, r.answer, r.error, r.error_sqlstate,
                             r.error_hint, true;
     ELSE
@@ -73,6 +75,21 @@ BEGIN
                             NULL::text, themis.live_worker_exists(r.kind);
     END IF;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION themis.bus_ack(p_id bigint, p_token text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+    UPDATE themis.jobs SET result = NULL
+     WHERE id = p_id AND reply_token = p_token AND result IS NOT NULL
+       AND status IN ('done', 'failed', 'cancelled')
+$$;
+
+-- The calling backend's start time, for the worker's "is the caller still there" check.
+-- SECURITY DEFINER: after SET ROLE, pg_stat_activity hides it from the caller itself.
+CREATE OR REPLACE FUNCTION themis.caller_backend_start() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+      FROM pg_stat_get_activity(pg_backend_pid())
 $$;
 
 -- Where the SQL functions' autonomous connection goes: bus_dsn from themis.config, else this
@@ -104,15 +121,16 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION themis.config_value(text), themis.live_worker_exists(text),
-    themis.bus_endpoint(),
+    themis.bus_endpoint(), themis.caller_backend_start(), themis.bus_ack(bigint, text),
     themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
     themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
-    themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) TO themis_bus;
+    themis.bus_take(bigint, text), themis.bus_ack(bigint, text),
+    themis.bus_cancel(bigint, text, text) TO themis_bus;
 GRANT EXECUTE ON FUNCTION themis.config_value(text), themis.live_worker_exists(text)
     TO themis_bus, themis_user;
-GRANT EXECUTE ON FUNCTION themis.bus_endpoint() TO themis_user;
+GRANT EXECUTE ON FUNCTION themis.bus_endpoint(), themis.caller_backend_start() TO themis_user;
 
 -- What any themis user may know about the service: no document counts (RLS may hide rows),
 -- no other users' jobs.
@@ -122,7 +140,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
         'workers', COALESCE((
             SELECT jsonb_agg(jsonb_build_object(
                        'id', w.id, 'kinds', w.kinds, 'heartbeat_at', w.heartbeat_at,
-                       'started_at', w.started_at, 'stats', w.stats) ORDER BY w.id)
+                       'started_at', w.started_at,
+                       -- the index size would count rows hidden from the caller by RLS
+                       'stats', w.stats - 'index_size') ORDER BY w.id)
               FROM themis.workers w
              WHERE w.heartbeat_at > now()
                    - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)

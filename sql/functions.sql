@@ -3,8 +3,7 @@
 -- Each PL/Python body is a few lines that hand over to the themis_pl package (themis_pg/pl in
 -- the source tree), which the server's Python imports.  The public functions are thin
 -- PL/pgSQL wrappers around them that re-raise errors without PL/Python's exception-class
--- prefix and traceback, so callers see PostgreSQL's usual one-line message and SQLSTATE.
--- (query_canceled is not caught by WHEN OTHERS and passes through untouched.)  They run as the caller (SECURITY
+-- prefix and traceback, so callers see PostgreSQL's usual one-line message and SQLSTATE.  They run as the caller (SECURITY
 -- INVOKER) so that GRANTs and row-level security decide which documents a call may use,
 -- with a pinned search_path.  EXECUTE is for themis_user (and the owner) only.
 
@@ -66,7 +65,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false);
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
 END
@@ -80,7 +79,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true)::jsonb;
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
 END
@@ -93,7 +92,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s);
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
 END
@@ -106,7 +105,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, public,
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.embed_py(input, timeout_s)::vector;
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
 END
@@ -120,7 +119,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.generate_py(prompt, max_tokens, temperature, timeout_s);
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
 END

@@ -54,11 +54,13 @@ WITH released AS (
 SELECT pg_notify('themis_jobs', kind) FROM released;
 
 -- name: register
-INSERT INTO themis.workers (id, host, pid, kinds, started_at, heartbeat_at, stats)
-VALUES (%(worker_id)s, %(host)s, %(pid)s, %(kinds)s, now(), now(), %(stats)s)
+INSERT INTO themis.workers (id, host, pid, kinds, started_at, heartbeat_at, watermark, stats)
+VALUES (%(worker_id)s, %(host)s, %(pid)s, %(kinds)s, now(), now(),
+        %(watermark)s::text::xid8, %(stats)s)
 ON CONFLICT (id) DO UPDATE
    SET host = EXCLUDED.host, pid = EXCLUDED.pid, kinds = EXCLUDED.kinds,
-       started_at = now(), heartbeat_at = now(), stats = EXCLUDED.stats;
+       started_at = now(), heartbeat_at = now(), watermark = EXCLUDED.watermark,
+       stats = EXCLUDED.stats;
 
 -- name: deregister
 DELETE FROM themis.workers WHERE id = %(worker_id)s;
@@ -72,7 +74,8 @@ WITH leases AS (
      WHERE worker_id = %(worker_id)s AND status = 'running' AND id = ANY (%(active)s)
 )
 UPDATE themis.workers
-   SET heartbeat_at = now(), stats = %(stats)s, watermark = %(watermark)s::text::xid8
+   SET heartbeat_at = now(), stats = %(stats)s,
+       watermark = coalesce(%(watermark)s::text::xid8, watermark)
  WHERE id = %(worker_id)s
 RETURNING id;
 
@@ -112,8 +115,11 @@ WITH orphans AS (
            error_sqlstate = '57014', result = NULL, finished_at = now()
      WHERE j.status IN ('queued', 'running')
        AND (j.deadline < now()
+            -- fail closed: a backend whose start time we may not see counts as the caller
             OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                            WHERE a.pid = j.caller_pid AND a.backend_start = j.caller_started))
+                            WHERE a.pid = j.caller_pid
+                              AND (a.backend_start IS NULL
+                                   OR a.backend_start = j.caller_started)))
     RETURNING j.id
 )
 SELECT id, pg_notify('themis_cancel', id::text) FROM orphans;
@@ -126,15 +132,28 @@ DELETE FROM themis.jobs
 DELETE FROM themis.workers WHERE heartbeat_at < now() - interval '1 day';
 
 -- name: prune_changes
--- Changes below every live worker's watermark are no longer needed by anyone (a worker
--- that starts later loads the whole table).
-DELETE FROM themis.changes
- WHERE xid < coalesce((SELECT min(watermark) FROM themis.workers
-                        WHERE heartbeat_at > now() - interval '1 hour'),
-                      pg_snapshot_xmin(pg_current_snapshot()));
+-- Changes below every live worker's watermark are needed by no one.  The horizon records how
+-- far pruning went: a worker whose watermark is below it (it was loading, or stalled) sees
+-- that on its next sync and reloads instead of missing changes.
+WITH horizon AS (
+    UPDATE themis.change_horizon
+       SET xid = greatest(xid, coalesce(
+               (SELECT min(watermark) FROM themis.workers
+                 WHERE heartbeat_at > now() - interval '1 hour'),
+               pg_snapshot_xmin(pg_current_snapshot())))
+    RETURNING xid
+)
+DELETE FROM themis.changes WHERE xid < (SELECT xid FROM horizon);
 
--- name: snapshot_xmin
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+-- name: snapshot_state
+-- First statement of a load or sync transaction: its snapshot's xmin (the next watermark),
+-- the prune horizon, and the server's start time (a restart can lose async commits).
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+       (SELECT xid::text::bigint FROM themis.change_horizon),
+       pg_postmaster_start_time();
+
+-- name: unembedded_documents
+SELECT id FROM themis.documents WHERE embedding IS NULL;
 
 -- name: changes_since
 SELECT seq, xid::text::bigint AS xid, doc_id, op FROM themis.changes
@@ -154,5 +173,12 @@ UPDATE themis.documents SET embedding = %(embedding)s, updated_at = now()
 SELECT embedding_model, dim FROM themis.corpus;
 
 -- name: claim_corpus
-INSERT INTO themis.corpus (embedding_model, dim) VALUES (%(model)s, %(dim)s)
-ON CONFLICT (singleton) DO NOTHING;
+-- Record our model for a corpus that has none yet; returns the corpus's model either way.
+WITH claimed AS (
+    INSERT INTO themis.corpus (embedding_model, dim) VALUES (%(model)s, %(dim)s)
+    ON CONFLICT (singleton) DO NOTHING
+    RETURNING embedding_model, dim
+)
+SELECT embedding_model, dim FROM claimed
+UNION ALL SELECT embedding_model, dim FROM themis.corpus
+LIMIT 1;

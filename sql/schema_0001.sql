@@ -95,8 +95,17 @@ CREATE TABLE themis.changes (
 );
 CREATE INDEX changes_xid_idx ON themis.changes (xid);
 
+-- Changes below this xid have been pruned: a worker whose watermark is older must reload.
+CREATE TABLE themis.change_horizon (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    xid       xid8 NOT NULL DEFAULT '0'
+);
+INSERT INTO themis.change_horizon DEFAULT VALUES;
+
+-- SECURITY DEFINER: writers of documents need no rights on the change log (and cannot forge
+-- entries in it).
 CREATE FUNCTION themis.log_document_changes() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, themis AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO themis.changes (doc_id, op) VALUES (NULL, 'T');
@@ -146,7 +155,7 @@ CREATE TABLE themis.jobs (
     caller_pid     integer NOT NULL,
     caller_started timestamptz NOT NULL,
     reply_channel  text NOT NULL,
-    reply_token    text NOT NULL,
+    reply_token    text NOT NULL UNIQUE,      -- also makes a re-sent submit idempotent
     deadline       timestamptz NOT NULL,
     attempts       integer NOT NULL DEFAULT 0,
     max_attempts   integer NOT NULL DEFAULT 3,

@@ -119,3 +119,29 @@ def test_index_embeds_rows_inserted_without_embedding(migrated_db, embedder):
         assert stored == (embedder.dim,)
         assert conn.execute("SELECT embedding_model FROM themis.corpus").fetchone() == (
             embedder.name,)
+
+
+def test_rows_committed_without_embedding_before_load_get_embedded(migrated_db, embedder):
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO themis.documents (content) VALUES ('otters hold hands')")
+        index = EmbeddingIndex(embedder.dim, embedder.name)
+        index.load(conn)  # the row predates the load and has no embedding yet
+        assert len(index) == 0
+        assert index.sync(conn, embed=embedder.embed).embedded == 1
+        assert len(index) == 1
+
+
+def test_pruned_change_log_makes_a_lagging_index_reload(migrated_db):
+    from themis_pg.bus.jobs import JobStore
+
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO themis.corpus (embedding_model, dim) VALUES ('m', 3)")
+        index = EmbeddingIndex(3, "m")
+        index.load(conn)
+        conn.execute("INSERT INTO themis.documents (id, content, embedding) "
+                     "VALUES (5, 'x', '[1,0,0]')")
+        JobStore(conn, "nobody").prune(retention_s=3600)  # no live worker: prunes everything
+        assert conn.execute("SELECT count(*) FROM themis.changes").fetchone()[0] == 0
+        stats = index.sync(conn)
+        assert stats.reloaded, "the index must notice the pruned log and reload"
+        assert [h[0] for h in index.search(np.array([[1, 0, 0]], np.float32), 1)[0]] == [5]

@@ -113,3 +113,48 @@ def test_callers_cannot_change_settings_or_inject_sql(rag_db, user_role):
     with psycopg.connect(user, autocommit=True) as conn:
         assert len(conn.execute("SELECT * FROM themis_search(%s, 2)", (evil,)).fetchall()) == 2
     assert one(rag_db, "SELECT count(*) FROM themis.documents") > 0
+
+
+def test_spoofed_cancel_notifications_are_ignored(rag_db, user_role):
+    """NOTIFY needs no privilege: a cancel counts only if the jobs table says so."""
+    from .helpers import Call, wait_until
+
+    intruder = user_role(rag_db, member_of="")
+    call = Call(rag_db, "SELECT themis_generate('Tell me about lighthouses.', 24)")
+    call.start()
+    job_id = wait_until(lambda: one(rag_db, "SELECT id FROM themis.jobs WHERE kind = "
+                                            "'generate' AND status = 'running'"), 30,
+                        "a running generation")
+    with psycopg.connect(intruder, autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute(f"NOTIFY themis_cancel, '{int(job_id)}'")
+    call.join(timeout=120)
+    assert call.error is None, call.error
+    assert one(rag_db, "SELECT status FROM themis.jobs WHERE id = %s", (job_id,)) == "done"
+
+
+def test_calls_work_after_set_role(rag_db, user_role):
+    """Behind a pooler or PostgREST the session user differs from the current user."""
+    user = user_role(rag_db)
+    role = user.split("user=")[1].split()[0]
+    with psycopg.connect(rag_db, autocommit=True) as conn:
+        conn.execute(f'SET ROLE "{role}"')
+        rows = conn.execute("SELECT id FROM themis_search(%s, 2)", (TLS,)).fetchall()
+        jobs = conn.execute("SELECT count(*) FROM themis.jobs").fetchone()[0]
+    assert len(rows) == 2 and jobs >= 1
+
+
+def test_writers_need_no_rights_on_the_change_log(corpus_db, start_worker, user_role):
+    start_worker(corpus_db)
+    writer = user_role(corpus_db)
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        conn.execute("GRANT INSERT ON themis.documents TO themis_user")
+        conn.execute("GRANT USAGE ON SEQUENCE themis.documents_id_seq TO themis_user")
+    with psycopg.connect(writer, autocommit=True) as conn:
+        doc_id = conn.execute("INSERT INTO themis.documents (content) VALUES "
+                              "('The capybara council meets on Tuesdays') RETURNING id"
+                              ).fetchone()[0]
+        top = conn.execute("SELECT id FROM themis_search('capybara council', 1)").fetchone()
+        assert top == (doc_id,)
+    state, _ = sqlstate_of(writer, "INSERT INTO themis.changes (doc_id, op) VALUES (1, 'T')")
+    assert state == "42501"

@@ -46,9 +46,12 @@ class JobStore:
         return cur.fetchall() if cur.description else []
 
     # -- workers -----------------------------------------------------------------------
-    def register(self, kinds: Sequence[str], stats: dict[str, Any]) -> None:
+    def register(self, kinds: Sequence[str], stats: dict[str, Any],
+                 watermark: int | None = None) -> None:
+        """Announce this worker; ``watermark`` holds back change-log pruning for its index."""
         self._run("register", worker_id=self.worker_id, host=os.uname().nodename,
-                  pid=os.getpid(), kinds=list(kinds), stats=Jsonb(stats))
+                  pid=os.getpid(), kinds=list(kinds), stats=Jsonb(stats),
+                  watermark=None if watermark is None else str(watermark))
 
     def deregister(self) -> None:
         self._run("deregister", worker_id=self.worker_id)

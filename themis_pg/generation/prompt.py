@@ -8,6 +8,7 @@ own is an error, since no retry could help it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,15 @@ NO_SOURCES = "(no documents matched)"
 # Tokens the chat template adds around the messages (role markers, separators).
 TEMPLATE_OVERHEAD = 48
 MIN_USEFUL_SOURCE_TOKENS = 32
+# Chat-template control markers (<|im_start|>, <|endoftext|>, <s>, [INST] ...): llama.cpp
+# tokenizes the rendered prompt with special tokens enabled, so such text inside a document or
+# a question would become real control tokens and could rewrite the conversation.
+_CONTROL_MARKERS = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|<<\/?SYS>>")
+
+
+def neutralize(text: str) -> str:
+    """Caller- or document-supplied text with chat control markers removed."""
+    return _CONTROL_MARKERS.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ def contexts_from_payload(items: Sequence[dict[str, Any]]) -> list[Context]:
 
 def _source_block(number: int, ctx: Context, text: str) -> str:
     label = f" ({ctx.source})" if ctx.source else ""
-    return f"[{number}]{label}\n{text.strip()}\n"
+    return f"[{number}]{label}\n{neutralize(text).strip()}\n"
 
 
 def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max_tokens: int,
@@ -54,7 +64,7 @@ def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max
                      truncate: Callable[[str, int], str]) -> BuiltPrompt:
     """Messages for a RAG answer that fit ``n_ctx`` with room for ``max_tokens``."""
     budget = n_ctx - max_tokens - TEMPLATE_OVERHEAD
-    question = f"Question: {query.strip()}"
+    question = f"Question: {neutralize(query).strip()}"
     fixed = count_tokens(SYSTEM_PROMPT) + count_tokens(question) + count_tokens("Sources:\n")
     if fixed > budget:
         raise ContextOverflow(
@@ -89,6 +99,7 @@ def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max
 def build_raw_prompt(prompt: str, *, n_ctx: int, max_tokens: int,
                      count_tokens: Callable[[str], int]) -> BuiltPrompt:
     """A plain user prompt; too long for the window is a permanent error."""
+    prompt = neutralize(prompt)
     tokens = count_tokens(prompt) + TEMPLATE_OVERHEAD
     if tokens + max_tokens > n_ctx:
         raise ContextOverflow(

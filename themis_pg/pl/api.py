@@ -24,6 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_MAX_TOKENS = 256
 SNIPPET_CHARS = 240
 MAX_SEARCH_ROUNDS = 6
+MAX_CANDIDATES = 100_000  # per search; beyond it a caller sees fewer than k rows
+MAX_CONTEXT_CHARS = 16_000  # per document sent to generation; the prompt is cut to fit anyway
 
 
 def _raises_sql_errors(func: F) -> F:
@@ -120,8 +122,7 @@ def get_bus(plpy: Any, GD: dict[str, Any]) -> BusClient:
 def current_caller(plpy: Any) -> Caller:
     row = plpy.execute(
         "SELECT current_user::text AS role, pg_backend_pid() AS pid, "
-        "to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS started "
-        "FROM pg_catalog.pg_stat_activity WHERE pid = pg_backend_pid()")[0]
+        "themis.caller_backend_start() AS started")[0]
     return Caller(role=row["role"], pid=int(row["pid"]), backend_start=row["started"])
 
 
@@ -146,7 +147,8 @@ class Session:
         if remaining <= 0:
             raise PLError(f"themis call timed out after {self.timeout_s:g} s", sqlstate="57014")
         outcome = self.bus.call(kind, json.dumps(payload), self.caller, remaining,
-                                self.check_interrupts, call_timeout_s=self.timeout_s)
+                                self.check_interrupts, call_timeout_s=self.timeout_s,
+                                worker_grace_s=float(self.config["worker_stale_s"]))
         return _result_or_raise(kind, outcome)
 
 
@@ -162,34 +164,44 @@ def _result_or_raise(kind: str, outcome: JobOutcome) -> dict[str, Any]:
 
 
 # -- retrieval as the caller ---------------------------------------------------------------
-def visible_documents(plpy: Any, ids: list[int]) -> dict[int, dict[str, Any]]:
-    """The subset of ``ids`` the caller may read, fetched through SPI under its own rights."""
-    if not ids:
-        return {}
+def visible_documents(plpy: Any, ids: list[int], limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` of ``ids`` (in order) that the caller may read, fetched through
+    SPI under the caller's own rights: GRANTs and row-level security apply."""
+    if not ids or limit <= 0:
+        return []
     plan = plpy.prepare(
         "SELECT d.id, d.content, d.metadata::text AS metadata, s.uri AS source "
-        "FROM themis.documents d LEFT JOIN themis.sources s ON s.id = d.source_id "
-        "WHERE d.id = ANY($1)", ["bigint[]"])
-    return {int(r["id"]): dict(r) for r in plpy.execute(plan, [ids])}
+        "FROM unnest($1::bigint[]) WITH ORDINALITY AS c(id, ord) "
+        "JOIN themis.documents d ON d.id = c.id "
+        "LEFT JOIN themis.sources s ON s.id = d.source_id "
+        "ORDER BY c.ord LIMIT $2", ["bigint[]", "integer"])
+    return [dict(r) for r in plpy.execute(plan, [ids, limit])]
 
 
 def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, Any]],
                                                                 dict[str, Any]]:
-    """The k best documents the caller can see, best first, and the search's stats."""
+    """The k best documents the caller can see, best first, and the search's stats.
+
+    Candidates come from the worker, which sees every row; those the caller cannot read are
+    skipped, and more are asked for (4x each round) until k are found or none are left.
+    """
     n = max(4 * k, k + 16)
-    stats: dict[str, Any] = {"search_rounds": 0, "embed_ms": 0.0, "search_ms": 0.0}
+    stats: dict[str, Any] = {"embed_ms": 0.0, "search_ms": 0.0}
+    picked: list[dict[str, Any]] = []
+    checked = 0  # candidates already examined in earlier rounds (rankings are stable)
     for _ in range(MAX_SEARCH_ROUNDS):
         result = session.run("search", {"query": query, "n": n})
-        stats["search_rounds"] += 1
         stats["embed_ms"] += result.get("embed_ms", 0.0)
         stats["search_ms"] += result.get("search_ms", 0.0)
         stats["embedding_model"] = result.get("model")
-        candidates = [(int(i), float(s)) for i, s in result["candidates"]]
-        visible = visible_documents(session.plpy, [i for i, _ in candidates])
-        picked = [dict(visible[i], score=s) for i, s in candidates if i in visible][:k]
-        if len(picked) >= k or result.get("exhausted", True):
-            return picked, stats
-        n *= 4
+        candidates = result["candidates"][checked:]
+        scores = {int(i): float(s) for i, s in candidates}
+        found = visible_documents(session.plpy, [int(i) for i, _ in candidates], k - len(picked))
+        picked += [dict(d, score=scores[int(d["id"])]) for d in found]
+        checked += len(candidates)
+        if len(picked) >= k or result.get("exhausted", True) or n >= MAX_CANDIDATES:
+            break
+        n = min(n * 4, MAX_CANDIDATES)
     return picked, stats
 
 
@@ -205,7 +217,8 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
     options = validate_generation(cfg, max_tokens, temperature)
     docs, stats = top_k_visible(session, query, k)
     t_gen = time.monotonic()
-    contexts = [{"id": d["id"], "content": d["content"], "source": d["source"]} for d in docs]
+    contexts = [{"id": d["id"], "content": d["content"][:MAX_CONTEXT_CHARS],
+                 "source": d["source"]} for d in docs]
     gen = session.run("generate", {"mode": "rag", "query": query, "contexts": contexts,
                                    **options})
     done = time.monotonic()
@@ -229,7 +242,6 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
             "retrieval_total_ms": round((t_gen - started) * 1000, 3),
             "generate_ms": round(gen.get("generate_ms", 0.0), 3),
             "total_ms": round((done - started) * 1000, 3),
-            "search_rounds": stats["search_rounds"],
         },
     }
 

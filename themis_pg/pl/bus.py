@@ -30,6 +30,9 @@ from .errors import PLError
 
 TERMINAL = ("done", "failed", "cancelled")
 WAIT_SLICE_S = 0.05
+# Our own SQLSTATE for bus trouble: class 08 would make client pools drop the *caller's*
+# healthy connection.
+BUS_TROUBLE = "58000"
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class BusClient:
         self.connect_timeout = connect_timeout
         self.channel = f"themis_reply_{secrets.token_hex(8)}"
         self._conn: psycopg.Connection[Any] | None = None
+        self._woken: set[str] = set()  # payloads (job ids) notified on our channel
 
     # -- connection ---------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -80,11 +84,17 @@ class BusClient:
                 ) from exc
             raise PLError(
                 f"themis could not open its bus connection: {text.strip()}",
-                sqlstate="08001",
+                sqlstate=BUS_TROUBLE,
                 hint="Check themis.config 'bus_dsn' and that role themis_bus may log in.",
             ) from exc
+        # Notifications that arrive while a statement runs are delivered to handlers only.
+        conn.add_notify_handler(self._on_notify)
         conn.execute(f'LISTEN "{self.channel}"')
         return conn
+
+    def _on_notify(self, note: Any) -> None:
+        if note.channel == self.channel:
+            self._woken.add(note.payload)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -104,7 +114,8 @@ class BusClient:
         for attempt in (1, 2):
             conn = self.conn
             try:
-                return conn.execute(sql, params).fetchall()
+                cur = conn.execute(sql, params)
+                return cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
                 if not (conn.broken or conn.closed):  # an error of the statement itself
                     raise PLError(exc.diag.message_primary or str(exc),
@@ -113,12 +124,13 @@ class BusClient:
                 self._reset()
                 if attempt == 2:
                     raise PLError(f"themis lost its bus connection: {str(exc).strip()}",
-                                  sqlstate="08006") from exc
+                                  sqlstate=BUS_TROUBLE) from exc
         raise AssertionError("unreachable")
 
     # -- protocol -------------------------------------------------------------------------
     def submit(self, kind: str, payload: str, caller: Caller, token: str,
                timeout_s: float) -> int:
+        """Queue a job; idempotent per token, so the reconnect-retry never queues twice."""
         rows = self._execute(
             "SELECT themis.bus_submit(%s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s, %s)",
             (kind, payload, caller.role, caller.pid, caller.backend_start, self.channel,
@@ -140,6 +152,12 @@ class BusClient:
             return None, bool(alive)
         return JobOutcome(status, result, answer, error, sqlstate, hint), True
 
+    def ack(self, job_id: int, token: str) -> None:
+        """Clear the job's internal result now that we hold it (best effort: the column is
+        not readable by callers, and finished jobs are pruned anyway)."""
+        with contextlib.suppress(PLError):
+            self._execute("SELECT themis.bus_ack(%s, %s)", (job_id, token))
+
     def cancel(self, job_id: int, token: str, reason: str) -> None:
         """Best effort: the worker's orphan check catches what this misses."""
         try:
@@ -149,59 +167,67 @@ class BusClient:
 
     def _wait_for_notify(self, timeout: float, job_id: int) -> bool:
         """Sleep on the socket up to ``timeout``; True if our job's notification came."""
-        conn = self.conn
-        ready, _, _ = select.select([conn.pgconn.socket], [], [], timeout)
-        if not ready:
-            return False
-        conn.pgconn.consume_input()
-        woke = False
-        while (note := conn.pgconn.notifies()) is not None:
-            if note.extra.decode() == str(job_id):
-                woke = True
-        return woke
+        key = str(job_id)
+        if key not in self._woken:
+            conn = self.conn
+            poller = select.poll()  # not select(): backends may hold fds above 1024
+            poller.register(conn.pgconn.socket, select.POLLIN)
+            if poller.poll(max(timeout, 0.0) * 1000):
+                conn.pgconn.consume_input()
+                while (note := conn.pgconn.notifies()) is not None:
+                    if note.relname.decode() == self.channel:
+                        self._woken.add(note.extra.decode())
+        if key in self._woken:
+            self._woken.discard(key)
+            return True
+        return False
 
     def call(self, kind: str, payload: str, caller: Caller, timeout_s: float,
-             check_interrupts: Callable[[], None], *,
-             call_timeout_s: float | None = None) -> JobOutcome:
+             check_interrupts: Callable[[], None], *, call_timeout_s: float | None = None,
+             worker_grace_s: float = 15.0) -> JobOutcome:
         """Submit a job and wait for its outcome, honouring cancels and the timeout.
 
         ``timeout_s`` is what is left of the SQL call's ``call_timeout_s`` (for messages).
+        If no worker for the job's kind is alive for ``worker_grace_s`` while we wait (its
+        worker died or stopped and no other took over), the call fails instead of waiting
+        out its timeout.
         """
         stated = timeout_s if call_timeout_s is None else call_timeout_s
         token = secrets.token_hex(16)
         job_id = self.submit(kind, payload, caller, token, timeout_s)
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
+        no_worker_since: float | None = None
         try:
             while True:
                 now = time.monotonic()
                 if now >= next_check:
                     outcome, alive = self.take(job_id, token)
                     if outcome is not None:
+                        if outcome.result is not None:
+                            self.ack(job_id, token)
                         return outcome
-                    if not alive:
-                        self.cancel(job_id, token, "no live worker")
+                    no_worker_since = None if alive else (no_worker_since or now)
+                    if no_worker_since is not None and now - no_worker_since >= worker_grace_s:
                         raise PLError(
                             f"the themis worker serving this {kind} job stopped and no other "
                             "worker is running", sqlstate="55000",
                             hint="Start one with `themis worker`.")
                     next_check = now + self.poll_interval
                 if now >= deadline:
-                    self.cancel(job_id, token, f"timed out after {stated:g} s")
                     raise PLError(f"themis call timed out after {stated:g} s "
-                                  f"(waiting for its {kind} job)",
-                                  sqlstate="57014",
+                                  f"(waiting for its {kind} job)", sqlstate="57014",
                                   hint="Pass a larger timeout_s or add workers.")
                 try:
                     if self._wait_for_notify(min(WAIT_SLICE_S, deadline - now), job_id):
                         next_check = 0.0
-                except (psycopg.OperationalError, OSError, ValueError):
+                except (psycopg.OperationalError, OSError):
                     self._reset()  # dropped bus connection: reconnect, re-LISTEN, re-read
                     next_check = 0.0
                 check_interrupts()
-        except PLError:
-            raise
-        except BaseException:
-            # statement_timeout, pg_cancel_backend, or anything else: free the worker.
-            self.cancel(job_id, token, "caller cancelled")
+        except BaseException as exc:
+            # statement_timeout, pg_cancel_backend, our own timeout, no worker, a bus
+            # failure: free the worker's slot (a no-op if the job already ended).
+            reason = exc.message if isinstance(exc, PLError) else "caller cancelled"
+            self.cancel(job_id, token, reason)
             raise

@@ -97,6 +97,8 @@ class EmbeddingIndex:
         self._row_of: dict[int, int] = {}
         self.watermark: int | None = None
         self._seen: set[int] = set()
+        self._pending: set[int] = set()  # documents still waiting for an embedding
+        self._server_start: Any = None
         self.corpus_model: str | None = None
 
     def __len__(self) -> int:
@@ -108,10 +110,12 @@ class EmbeddingIndex:
         started = time.perf_counter()
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            watermark = int(cur.execute(query("snapshot_xmin")).fetchone()[0])  # type: ignore[index]
+            watermark, _, server_start = cur.execute(query("snapshot_state")).fetchone()  # type: ignore[misc]
             self._check_corpus(cur)
             seen = {int(r[0]) for r in cur.execute(query("changes_since"),
                                                    {"watermark": str(watermark)})}
+            # Rows committed without an embedding: embedded by the next sync.
+            unembedded = {int(r[0]) for r in cur.execute(query("unembedded_documents"))}
             stmt = sql.SQL(
                 "COPY (SELECT id, embedding FROM themis.documents "
                 "WHERE embedding IS NOT NULL AND vector_dims(embedding) = {}) "
@@ -122,19 +126,25 @@ class EmbeddingIndex:
                     buf += chunk
         ids, vectors = parse_binary_copy(buf, self.dim)
         self._replace_all(ids, normalize(vectors))
-        self.watermark, self._seen = watermark, seen
+        self.watermark, self._seen = int(watermark), seen
+        self._pending = unembedded
+        self._server_start = server_start
         log.info("loaded %d embeddings (dim %d) in %.1f ms", self._size, self.dim,
                  (time.perf_counter() - started) * 1000)
 
     def _check_corpus(self, cur: psycopg.Cursor[Any]) -> None:
         row = cur.execute(query("corpus")).fetchone()
         self.corpus_model = None if row is None else str(row[0])
-        if row is not None and (row[0] != self.model or int(row[1]) != self.dim):
+        if row is not None:
+            self._require_model(str(row[0]), int(row[1]))
+
+    def _require_model(self, model: str, dim: int) -> None:
+        if model != self.model or dim != self.dim:
             raise ModelMismatch(
-                f"documents are embedded with {row[0]} (dim {row[1]}) but this worker's query "
+                f"documents are embedded with {model} (dim {dim}) but this worker's query "
                 f"model is {self.model} (dim {self.dim})",
                 hint="Run `themis reembed` or start the worker with THEMIS_EMBEDDING_MODEL="
-                f"{row[0]}.")
+                f"{model}.")
 
     def _replace_all(self, ids: npt.NDArray[np.int64],
                      vectors: npt.NDArray[np.float32]) -> None:
@@ -145,7 +155,11 @@ class EmbeddingIndex:
 
     # -- incremental -------------------------------------------------------------------
     def sync(self, conn: psycopg.Connection[Any], embed: EmbedFn | None = None) -> SyncStats:
-        """Apply the changes committed since the last load/sync; embed rows lacking one."""
+        """Apply the changes committed since the last load/sync; embed rows lacking one.
+
+        Reloads instead when the change log was pruned past our watermark, when the log
+        says TRUNCATE, or when the server restarted (its xids may have gone back).
+        """
         if self.watermark is None:
             self.load(conn)
             return SyncStats(reloaded=True)
@@ -153,19 +167,23 @@ class EmbeddingIndex:
         stats = SyncStats()
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            new_watermark = int(cur.execute(query("snapshot_xmin")).fetchone()[0])  # type: ignore[index]
+            new_watermark, horizon, server_start = cur.execute(  # type: ignore[misc]
+                query("snapshot_state")).fetchone()
             self._check_corpus(cur)
-            rows = cur.execute(query("changes_since"),
-                               {"watermark": str(self.watermark)}).fetchall()
-            pending = [r for r in rows if r[0] not in self._seen]
-            truncated = any(r[3] == "T" for r in pending)
-            doc_ids = sorted({int(r[2]) for r in pending if r[2] is not None})
-            docs = [] if truncated or not doc_ids else cur.execute(
+            stale = self.watermark < int(horizon) or server_start != self._server_start
+            rows = [] if stale else cur.execute(
+                query("changes_since"), {"watermark": str(self.watermark)}).fetchall()
+            fresh = [r for r in rows if r[0] not in self._seen]
+            reload = stale or any(r[3] == "T" for r in fresh)
+            doc_ids = sorted({int(r[2]) for r in fresh if r[2] is not None} | self._pending)
+            docs = [] if reload or not doc_ids else cur.execute(
                 query("documents_by_id"), {"ids": doc_ids}).fetchall()
-        if truncated:
+        if reload:
+            log.info("index reload (%s)", "change log pruned or server restarted" if stale
+                     else "documents truncated")
             self.load(conn)
-            return SyncStats(changes=len(pending), reloaded=True)
-        stats.changes = len(pending)
+            return SyncStats(changes=len(fresh), reloaded=True)
+        stats.changes = len(fresh)
         found: set[int] = set()
         to_embed: list[tuple[int, str]] = []
         for doc_id, embedding, content in docs:
@@ -185,10 +203,11 @@ class EmbeddingIndex:
         for doc_id in doc_ids:
             if doc_id not in found:
                 stats.deleted += self._delete(doc_id)
+        self._pending = {doc_id for doc_id, _ in to_embed}
         if to_embed and embed is not None:
             stats.embedded = self._embed_missing(conn, to_embed, embed)
-        self.watermark = new_watermark
-        self._seen = {int(r[0]) for r in rows if int(r[1]) >= new_watermark}
+        self.watermark = int(new_watermark)
+        self._seen = {int(r[0]) for r in rows if int(r[1]) >= self.watermark}
         stats.ms = (time.perf_counter() - started) * 1000
         if stats.changes:
             log.debug("index sync: %s", stats)
@@ -197,17 +216,30 @@ class EmbeddingIndex:
     def _embed_missing(self, conn: psycopg.Connection[Any], docs: list[tuple[int, str]],
                        embed: EmbedFn) -> int:
         """Embed documents inserted without an embedding and store it, unless the row
-        changed meanwhile (then its own change entry brings it back)."""
+        changed meanwhile (its own change entry brings it back) or is locked by a writer
+        (left pending: a caller may hold that lock while it waits for this very search)."""
         vectors = embed([content for _, content in docs])
-        with conn.transaction():
-            if self.corpus_model is None:
-                conn.execute(query("claim_corpus"), {"model": self.model, "dim": self.dim})
-                self.corpus_model = self.model
-            for (doc_id, content), vector in zip(docs, vectors, strict=True):
-                conn.execute(query("store_embedding"), {
-                    "id": doc_id, "content": content,
-                    "embedding": "[" + ",".join(f"{x:.8g}" for x in vector) + "]"})
-                self._upsert(doc_id, vector)
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '500ms'")
+                if self.corpus_model is None:
+                    row = conn.execute(query("claim_corpus"),
+                                       {"model": self.model, "dim": self.dim}).fetchone()
+                    assert row is not None
+                    self._require_model(str(row[0]), int(row[1]))
+                    self.corpus_model = self.model
+                for (doc_id, content), vector in sorted(zip(docs, vectors, strict=True),
+                                                        key=lambda item: item[0][0]):
+                    conn.execute(query("store_embedding"), {
+                        "id": doc_id, "content": content,
+                        "embedding": "[" + ",".join(f"{x:.8g}" for x in vector) + "]"})
+        except psycopg.errors.LockNotAvailable:
+            log.info("documents %s are locked by a writer; embedding them later",
+                     [d for d, _ in docs])
+            return 0
+        for (doc_id, _), vector in zip(docs, vectors, strict=True):
+            self._upsert(doc_id, vector)
+        self._pending.difference_update(doc_id for doc_id, _ in docs)
         return len(docs)
 
     def _upsert(self, doc_id: int, vector: npt.NDArray[np.float32]) -> None:

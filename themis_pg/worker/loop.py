@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from ..bus.jobs import Job, JobStore
+from ..bus.queries import query
 from ..config import Settings
 from ..embedding import Embedder
 from ..errors import ContextOverflow, InvalidInput, ModelMismatch, ThemisError
@@ -44,7 +45,17 @@ T = TypeVar("T")
 
 
 def connect(dsn: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn, autocommit=True, application_name="themis_worker")
+    """Worker connections fail fast and notice a dead server (keepalives), so a worker never
+    hangs on a half-open socket while its leases are renewed by another thread."""
+    return psycopg.connect(dsn, autocommit=True, application_name="themis_worker",
+                           connect_timeout=10, keepalives=1, keepalives_idle=10,
+                           keepalives_interval=5, keepalives_count=3)
+
+
+def connection_lost(conn: psycopg.Connection[Any] | None, exc: psycopg.Error) -> bool:
+    """A broken connection (retry elsewhere), as opposed to an error of the statement."""
+    return (conn is None or conn.broken or conn.closed
+            or (exc.sqlstate or "").startswith(("08", "57P0")))
 
 
 class JobRegistry:
@@ -84,6 +95,7 @@ class Lane(threading.Thread):
     batch = 1
 
     def __init__(self, worker: Worker) -> None:
+        self.kinds = tuple(k for k in self.kinds if k in worker.kinds)
         super().__init__(name=f"lane-{'-'.join(self.kinds)}", daemon=True)
         self.worker = worker
         self.settings = worker.settings
@@ -102,6 +114,15 @@ class Lane(threading.Thread):
         """Hook for per-connection setup."""
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # A lane that dies must not leave a worker that heartbeats but serves nothing.
+            log.exception("%s died; stopping the worker", self.name)
+            self.worker.fatal.set()
+            self.worker.stopping.set()
+
+    def _loop(self) -> None:
         failures = 0
         while not self.worker.stopping.is_set():
             try:
@@ -109,8 +130,12 @@ class Lane(threading.Thread):
                 self.wake.clear()
                 jobs = store.claim(self.kinds, self.batch, self.settings.lease)
                 failures = 0
-            except psycopg.OperationalError as exc:
-                self._drop_connection(exc, failures)
+            except psycopg.Error as exc:
+                if connection_lost(self.conn, exc):
+                    self._drop_connection(exc, failures)
+                else:  # e.g. the schema is being migrated: back off, keep going
+                    log.warning("%s: cannot claim jobs: %s", self.name, str(exc).strip())
+                    self.worker.stopping.wait(RECONNECT_BACKOFF_S[-1])
                 failures += 1
                 continue
             if not jobs:
@@ -120,13 +145,18 @@ class Lane(threading.Thread):
             self.worker.registry.start(ids)
             try:
                 self.serve(store, jobs)
-            except psycopg.OperationalError as exc:
-                # The database connection broke mid-batch: put what is unfinished back.
-                self._drop_connection(exc, failures)
-                self.release(ids)
+            except psycopg.Error as exc:
+                if connection_lost(self.conn, exc):
+                    # The connection broke mid-batch: put what is unfinished back.
+                    self._drop_connection(exc, failures)
+                    self.release(ids)
+                else:
+                    log.exception("%s: database error on jobs %s", self.name, ids)
+                    self._fail_all(jobs, f"database error in the worker: {exc}",
+                                   exc.sqlstate or "XX000")
             except Exception:
-                log.exception("lane %s crashed on jobs %s", self.name, ids)
-                self._fail_all(store, jobs, "internal error in the worker", "XX000")
+                log.exception("%s crashed on jobs %s", self.name, ids)
+                self._fail_all(jobs, "internal error in the worker", "XX000")
             finally:
                 self.worker.registry.end(ids)
 
@@ -143,7 +173,9 @@ class Lane(threading.Thread):
         for attempt in range(len(RECONNECT_BACKOFF_S)):
             try:
                 return action(self._ensure_store())
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                if not connection_lost(self.conn, exc):
+                    raise
                 self._drop_connection(exc, attempt)
         return None
 
@@ -156,11 +188,11 @@ class Lane(threading.Thread):
         self.conn = self.store = None
         self.worker.stopping.wait(delay)
 
-    def _fail_all(self, store: JobStore, jobs: Sequence[Job], message: str,
-                  sqlstate: str) -> None:
+    def _fail_all(self, jobs: Sequence[Job], message: str, sqlstate: str) -> None:
+        """Fail what is still running of ``jobs`` (finished ones are left alone)."""
         for job in jobs:
             try:
-                store.fail(job.id, message, sqlstate)
+                self.fail(job.id, message, sqlstate)
             except psycopg.Error:
                 log.exception("could not fail job %d", job.id)
 
@@ -305,11 +337,15 @@ class Housekeeper(threading.Thread):
         while not worker.stopping.wait(worker.settings.heartbeat_interval):
             try:
                 self.tick()
-            except psycopg.OperationalError as exc:
-                log.warning("housekeeper: database connection lost (%s)", str(exc).strip())
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
+            except psycopg.Error as exc:
+                if connection_lost(self.conn, exc):
+                    log.warning("housekeeper: database connection lost (%s)",
+                                str(exc).strip())
+                    if self.conn is not None:
+                        self.conn.close()
+                    self.conn = None
+                else:
+                    log.exception("housekeeper tick failed")
             except Exception:
                 log.exception("housekeeper tick failed")
 
@@ -321,7 +357,7 @@ class Housekeeper(threading.Thread):
         if not store.heartbeat(worker.settings.lease, worker.registry.active(), worker.stats(),
                                worker.index.watermark):
             log.warning("worker row was missing; registering again")
-            store.register(worker.kinds, worker.stats())
+            store.register(worker.kinds, worker.stats(), worker.index.watermark)
         lost = store.reap_lost()
         if lost:
             log.warning("re-queued or failed %d jobs of lost workers: %s", len(lost), lost)
@@ -343,6 +379,7 @@ class Worker:
         self.kinds = list(kinds)
         self.worker_id = settings.worker_identity()
         self.stopping = threading.Event()
+        self.fatal = threading.Event()
         self.registry = JobRegistry()
         self._counts = {"done": 0, "failed": 0}
         self._counts_lock = threading.Lock()
@@ -378,14 +415,22 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stopping.set())
+        searches = bool({"search", "embed"} & set(self.kinds))
         with connect(self.dsn) as conn:
-            try:
-                self.index.load(conn)
-            except ModelMismatch as exc:
-                log.error("%s; search jobs will fail until this is fixed", exc.message)
-            JobStore(conn, self.worker_id).register(self.kinds, self.stats())
+            store = JobStore(conn, self.worker_id)
+            if searches:
+                # Registered with the watermark of the snapshot the index is about to load
+                # from, so that no other worker prunes changes this one will still need.
+                xmin = conn.execute(query("snapshot_state")).fetchone()[0]  # type: ignore[index]
+                store.register(self.kinds, self.stats(), int(xmin))
+                try:
+                    self.index.load(conn)
+                except ModelMismatch as exc:
+                    log.error("%s; search jobs will fail until this is fixed", exc.message)
+            else:
+                store.register(self.kinds, self.stats())
         lanes: list[Lane] = []
-        if {"search", "embed"} & set(self.kinds):
+        if searches:
             lanes.append(SearchLane(self))
         if "generate" in self.kinds:
             lanes.append(GenerateLane(self))
@@ -400,6 +445,8 @@ class Worker:
             for thread in (*lanes, housekeeper):
                 thread.join(timeout=30)
             self._shutdown()
+        if self.fatal.is_set():
+            raise RuntimeError("a worker thread died; see the log above")
 
     def _listen(self, lanes: list[Lane]) -> None:
         failures = 0
@@ -413,7 +460,7 @@ class Worker:
                         lane.wake.set()
                     while not self.stopping.is_set():
                         for note in conn.notifies(timeout=0.5):
-                            self._on_notify(note.channel, note.payload, lanes)
+                            self._on_notify(conn, note.channel, note.payload, lanes)
             except psycopg.OperationalError as exc:
                 delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
                 failures += 1
@@ -421,16 +468,23 @@ class Worker:
                             str(exc).strip(), delay)
                 self.stopping.wait(delay)
 
-    def _on_notify(self, channel: str, payload: str, lanes: list[Lane]) -> None:
+    def _on_notify(self, conn: psycopg.Connection[Any], channel: str, payload: str,
+                   lanes: list[Lane]) -> None:
+        """A notification only wakes us up: anyone may NOTIFY, so a cancel counts only
+        once the jobs table confirms it."""
         if channel == "themis_jobs":
             for lane in lanes:
                 if payload in lane.kinds or not payload:
                     lane.wake.set()
         elif channel == "themis_cancel":
             try:
-                self.registry.cancel([int(payload)])
+                job_id = int(payload)
             except ValueError:
                 log.warning("ignoring malformed cancel notification %r", payload)
+                return
+            if job_id in self.registry.active():
+                confirmed = JobStore(conn, self.worker_id).cancelled_among([job_id])
+                self.registry.cancel(sorted(confirmed))
 
     def _shutdown(self) -> None:
         try:

@@ -1,0 +1,69 @@
+"""The `themis` command line against a real database and worker."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+
+from .helpers import Call, one, wait_until
+
+LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper, chapter by chapter."
+
+
+def themis(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_status_lists_workers_jobs_models_and_documents(rag_db):
+    done = themis("status", dsn=rag_db)
+    assert done.returncode == 0, done.stderr
+    docs = one(rag_db, "SELECT count(*) FROM themis.documents")
+    assert "workers alive: 1" in done.stdout
+    assert re.search(rf"documents: {docs} \(0 awaiting embedding\)", done.stdout)
+    assert "smollm2-135m-instruct (default)" in done.stdout
+    assert "all-minilm-l6-v2" in done.stdout
+
+
+def test_models_list_marks_defaults(rag_db):
+    done = themis("models", "list", dsn=rag_db)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\* generation\s+smollm2-135m-instruct", done.stdout, re.MULTILINE)
+
+
+def test_sigterm_hands_unfinished_work_to_the_next_worker(corpus_db, start_worker):
+    first = start_worker(corpus_db)
+    call = Call(corpus_db, "SELECT themis_generate(%s, 48)", (LONG_PROMPT,))
+    call.start()
+    job_id = wait_until(lambda: one(corpus_db, "SELECT id FROM themis.jobs WHERE "
+                                               "status = 'running'"), 30, "a running job")
+    started = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 15
+    assert "stopped" in first.log()
+    assert one(corpus_db, "SELECT count(*) FROM themis.workers WHERE id = %s", (first.id,)) == 0
+    assert one(corpus_db, "SELECT status FROM themis.jobs WHERE id = %s", (job_id,)) == "queued"
+    start_worker(corpus_db)
+    call.join(timeout=120)
+    assert call.error is None, call.error
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        row = conn.execute("SELECT status, attempts FROM themis.jobs WHERE id = %s",
+                           (job_id,)).fetchone()
+    assert row == ("done", 1), "a clean hand-over must not count as an attempt"
+
+
+def test_reembed_command_switches_the_corpus_model(migrated_db, tmp_path):
+    (tmp_path / "a.md").write_text("# Alpha\n\nThe alpha runbook covers widget restarts.\n")
+    assert themis("ingest", "--no-progress", str(tmp_path), dsn=migrated_db).returncode == 0
+    done = themis("reembed", "--no-progress", dsn=migrated_db)
+    assert done.returncode == 0, done.stderr
+    assert "re-embedded 1 documents" in done.stdout
+    done = themis("reembed", "--model", "no-such-model", dsn=migrated_db)
+    assert done.returncode != 0 and "no-such-model" in done.stderr
+    assert "Traceback" not in done.stderr
