@@ -241,14 +241,19 @@ class WorkerProcess:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, as an operator would; a worker that does not exit promptly is a bug."""
+        hung = False
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
+                hung = True
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if hung:
+            raise AssertionError(f"worker {self.id} ignored SIGTERM for 20 s:\n{self.log()}")
 
 
 @pytest.fixture

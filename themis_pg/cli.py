@@ -340,12 +340,24 @@ def demo(ctx: Context, question: str) -> None:
     click.echo(f"[6/6] asking through psql: SELECT themis_rag('{question}', 3);\n")
     psql = shutil.which("psql") or "psql"
     literal = question.replace("'", "''")
-    sql = (f"SELECT themis_rag('{literal}', 3) AS answer;\n"
-           f"SELECT id, round(score::numeric, 3) AS score, metadata->>'title' AS title, "
-           f"left(regexp_replace(content, '\\s+', ' ', 'g'), 70) AS source_text "
-           f"FROM themis_search('{literal}', 3);")
-    done = subprocess.run([psql, dsn, "-X", "-v", "ON_ERROR_STOP=1", "-P", "pager=off",
-                           "-c", sql], check=False)
+    script = "\n".join([
+        "\\pset format unaligned",
+        "\\pset tuples_only on",
+        "\\echo 'answer:'",
+        f"SELECT themis_rag('{literal}', 3);",
+        "\\pset format aligned",
+        "\\pset tuples_only off",
+        "\\echo",
+        "\\echo 'sources (themis_search, same retrieval):'",
+        "SELECT s.id, round(s.score::numeric, 3) AS score,",
+        "       regexp_replace(src.uri, '^.*/', '') AS source,",
+        "       left(regexp_replace(s.content, '\\s+', ' ', 'g'), 60) AS text",
+        f"  FROM themis_search('{literal}', 3) s",
+        "  JOIN themis.documents d ON d.id = s.id",
+        "  LEFT JOIN themis.sources src ON src.id = d.source_id;",
+    ])
+    done = subprocess.run([psql, dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-P", "pager=off",
+                           "-f", "-"], input=script, text=True, check=False)
     if done.returncode:
         raise click.ClickException("the demo query failed (see above)")
     click.echo(

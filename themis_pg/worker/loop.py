@@ -459,8 +459,13 @@ class Worker:
                     for lane in lanes:  # whatever was queued while we were not listening
                         lane.wake.set()
                     while not self.stopping.is_set():
+                        claimed_cancels: set[int] = set()
                         for note in conn.notifies(timeout=0.5):
-                            self._on_notify(conn, note.channel, note.payload, lanes)
+                            self._on_notify(note.channel, note.payload, lanes, claimed_cancels)
+                        if claimed_cancels:  # not inside notifies(): it holds the connection
+                            confirmed = JobStore(conn, self.worker_id).cancelled_among(
+                                sorted(claimed_cancels))
+                            self.registry.cancel(sorted(confirmed))
             except psycopg.OperationalError as exc:
                 delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
                 failures += 1
@@ -468,10 +473,10 @@ class Worker:
                             str(exc).strip(), delay)
                 self.stopping.wait(delay)
 
-    def _on_notify(self, conn: psycopg.Connection[Any], channel: str, payload: str,
-                   lanes: list[Lane]) -> None:
-        """A notification only wakes us up: anyone may NOTIFY, so a cancel counts only
-        once the jobs table confirms it."""
+    def _on_notify(self, channel: str, payload: str, lanes: list[Lane],
+                   claimed_cancels: set[int]) -> None:
+        """A notification only wakes us up: anyone may NOTIFY, so a cancel is collected in
+        ``claimed_cancels`` and counts only once the jobs table confirms it."""
         if channel == "themis_jobs":
             for lane in lanes:
                 if payload in lane.kinds or not payload:
@@ -483,8 +488,7 @@ class Worker:
                 log.warning("ignoring malformed cancel notification %r", payload)
                 return
             if job_id in self.registry.active():
-                confirmed = JobStore(conn, self.worker_id).cancelled_among([job_id])
-                self.registry.cancel(sorted(confirmed))
+                claimed_cancels.add(job_id)
 
     def _shutdown(self) -> None:
         try:
