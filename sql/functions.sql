@@ -125,27 +125,25 @@ EXCEPTION WHEN query_canceled OR others THEN
 END
 $$;
 
-REVOKE ALL ON FUNCTION
-    themis.reraise(text, text, text),
-    themis.rag_py(text, integer, integer, double precision, double precision, boolean),
-    themis.search_py(text, integer, double precision),
-    themis.embed_py(text, double precision),
-    themis.generate_py(text, integer, double precision, double precision),
-    public.themis_rag(text, integer, integer, double precision, double precision),
-    public.themis_rag_json(text, integer, integer, double precision, double precision),
-    public.themis_search(text, integer, double precision),
-    public.themis_embed(text, double precision),
-    public.themis_generate(text, integer, double precision, double precision)
-FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    themis.reraise(text, text, text),
-    themis.rag_py(text, integer, integer, double precision, double precision, boolean),
-    themis.search_py(text, integer, double precision),
-    themis.embed_py(text, double precision),
-    themis.generate_py(text, integer, double precision, double precision),
-    public.themis_rag(text, integer, integer, double precision, double precision),
-    public.themis_rag_json(text, integer, integer, double precision, double precision),
-    public.themis_search(text, integer, double precision),
-    public.themis_embed(text, double precision),
-    public.themis_generate(text, integer, double precision, double precision)
-TO themis_user;
+-- EXECUTE for themis_user (and the owner) only.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'themis.reraise(text, text, text)',
+        'themis.rag_py(text, integer, integer, double precision, double precision, boolean)',
+        'themis.search_py(text, integer, double precision)',
+        'themis.embed_py(text, double precision)',
+        'themis.generate_py(text, integer, double precision, double precision)',
+        'public.themis_rag(text, integer, integer, double precision, double precision)',
+        'public.themis_rag_json(text, integer, integer, double precision, double precision)',
+        'public.themis_search(text, integer, double precision)',
+        'public.themis_embed(text, double precision)',
+        'public.themis_generate(text, integer, double precision, double precision)'
+    ]::regprocedure[] LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO themis_user', f);
+    END LOOP;
+END
+$$;
