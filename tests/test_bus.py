@@ -190,3 +190,19 @@ def test_several_workers_share_one_database(corpus_db, start_worker, sql):
     assert served >= 1
     assert one(corpus_db, "SELECT count(*) FROM themis.jobs WHERE status <> 'done'") == 0
     assert all(w.proc.poll() is None for w in workers)
+
+
+def test_no_free_connection_for_the_bus_is_a_clear_error(rag_db):
+    """Each waiting caller needs a second connection; without one the call fails at once."""
+    with psycopg.connect(rag_db, autocommit=True) as conn:
+        conn.execute("ALTER ROLE themis_bus CONNECTION LIMIT 0")
+    try:
+        started = time.monotonic()
+        # A fresh session: its backend has no cached bus connection yet.
+        state, message = sqlstate_of(rag_db, "SELECT themis_search(%s, 2)", (TLS,))
+        assert state == "53300" and "no free connection slot" in message
+        assert time.monotonic() - started < 10
+    finally:
+        with psycopg.connect(rag_db, autocommit=True) as conn:
+            conn.execute("ALTER ROLE themis_bus CONNECTION LIMIT -1")
+    assert one(rag_db, "SELECT count(*) FROM themis_search(%s, 2)", (TLS,)) == 2
