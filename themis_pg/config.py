@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     )
     n_ctx: int = Field(default=4096, description="Context window (tokens) of the generation model.")
     n_threads: int | None = Field(
-        default=None, description="CPU threads for llama.cpp (None = all cores)."
+        default=None,
+        description="CPU threads for llama.cpp (None = its default: half the logical CPUs "
+        "for generation, all of them for prompt processing).",
     )
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
