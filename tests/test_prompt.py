@@ -18,12 +18,14 @@ def truncate(text: str, n: int) -> str:
 
 
 def test_all_sources_fit_in_rank_order():
-    ctxs = [Context(1, "alpha beta", "a.md"), Context(2, "gamma", None)]
+    ctxs = [Context(1, "alpha beta", "/srv/docs/a.md"), Context(2, "gamma", None)]
     built = build_rag_prompt("what?", ctxs, n_ctx=1000, max_tokens=100, count_tokens=count,
                              truncate=truncate)
     user = built.messages[-1]["content"]
     assert built.contexts_used == 2
-    assert user.index("[1] (a.md)") < user.index("[2]") < user.index("Question: what?")
+    assert "/srv/docs" not in user
+    assert (user.index("Document 1:\nalpha beta") < user.index("Document 2:\ngamma")
+            < user.index("Question: what?"))
 
 
 def test_low_ranked_sources_are_dropped_or_cut_to_fit():
@@ -34,7 +36,7 @@ def test_low_ranked_sources_are_dropped_or_cut_to_fit():
     assert built.contexts_used == 2  # the second one cut short, the third dropped
     used = count(built.messages[-1]["content"]) + count(built.messages[0]["content"])
     assert used <= 1000 - 100
-    assert "[3]" not in built.messages[-1]["content"]
+    assert "Document 3" not in built.messages[-1]["content"]
 
 
 def test_question_too_long_is_a_context_overflow():

@@ -1,9 +1,10 @@
 """RAG prompt construction under a token budget (pure logic, no model needed).
 
-The sources go into the user message as a numbered list, best first.  When they do not all
-fit the context window beside the question and the answer's ``max_tokens``, the lowest-ranked
-ones are dropped and the last kept one is cut short; only a question that cannot fit on its
-own is an error, since no retry could help it.
+The documents go into the user message, numbered, best first, followed by the question (the
+layout that made the small default model give concrete steps rather than echo its sources).
+When they do not all fit the context window beside the question and the answer's
+``max_tokens``, the lowest-ranked ones are dropped and the last kept one is cut short; only a
+question that cannot fit on its own is an error, since no retry could help it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 from ..errors import ContextOverflow
 
 SYSTEM_PROMPT = (
-    "You are a helpful assistant for a documentation search system. Answer the question "
-    "using only the numbered sources. Cite the sources you use like [1]. If the sources do "
-    "not contain the answer, say that you do not know."
+    "You answer questions about internal documentation. Use only the documents given. Be "
+    "concise and concrete: give the steps and commands."
 )
 NO_SOURCES = "(no documents matched)"
 # Tokens the chat template adds around the messages (role markers, separators).
@@ -55,8 +55,9 @@ def contexts_from_payload(items: Sequence[dict[str, Any]]) -> list[Context]:
 
 
 def _source_block(number: int, ctx: Context, text: str) -> str:
-    label = f" ({ctx.source})" if ctx.source else ""
-    return f"[{number}]{label}\n{neutralize(text).strip()}\n"
+    # No file names or paths: small models copy such labels into the answer.  The caller
+    # gets the sources separately (themis_rag_json).
+    return f"Document {number}:\n{neutralize(text).strip()}\n"
 
 
 def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max_tokens: int,
@@ -64,8 +65,8 @@ def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max
                      truncate: Callable[[str, int], str]) -> BuiltPrompt:
     """Messages for a RAG answer that fit ``n_ctx`` with room for ``max_tokens``."""
     budget = n_ctx - max_tokens - TEMPLATE_OVERHEAD
-    question = f"Question: {neutralize(query).strip()}"
-    fixed = count_tokens(SYSTEM_PROMPT) + count_tokens(question) + count_tokens("Sources:\n")
+    question = f"Question: {neutralize(query).strip()}\nAnswer:"
+    fixed = count_tokens(SYSTEM_PROMPT) + count_tokens(question)
     if fixed > budget:
         raise ContextOverflow(
             f"the question needs {fixed} tokens; with max_tokens {max_tokens} it cannot fit "
@@ -87,7 +88,7 @@ def build_rag_prompt(query: str, contexts: Sequence[Context], *, n_ctx: int, max
             used += count_tokens(block)
         break
     sources = "\n".join(blocks) if blocks else NO_SOURCES
-    user = f"Sources:\n{sources}\n{question}"
+    user = f"{sources}\n{question}"
     return BuiltPrompt(
         messages=[{"role": "system", "content": SYSTEM_PROMPT},
                   {"role": "user", "content": user}],
