@@ -135,7 +135,7 @@ install_venv() {
     say "virtualenv: up to date (pyproject.toml unchanged)"
     return
   fi
-  say "virtualenv: pip install -e '.[test]' (a first build of llama-cpp-python takes ~10 min)"
+  say "virtualenv: pip install -e '.[test]' (a first build of llama-cpp-python takes ~5 min)"
   # No llava: the project never loads vision models, and it saves build time.
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
     "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test]"
