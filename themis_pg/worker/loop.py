@@ -144,7 +144,7 @@ class Lane(threading.Thread):
             ids = [j.id for j in jobs]
             self.worker.registry.start(ids)
             try:
-                self.serve(store, jobs)
+                self.serve(jobs)
             except psycopg.Error as exc:
                 if connection_lost(self.conn, exc):
                     # The connection broke mid-batch: put what is unfinished back.
@@ -196,8 +196,8 @@ class Lane(threading.Thread):
             except psycopg.Error:
                 log.exception("could not fail job %d", job.id)
 
-    def finish_or_fail(self, store: JobStore, job: Job, work: Callable[[], tuple[dict[str, Any],
-                                                                              str | None]]) -> None:
+    def finish_or_fail(self, job: Job,
+                       work: Callable[[], tuple[dict[str, Any], str | None]]) -> None:
         """Run ``work`` for one job; a ThemisError fails the job once with its SQLSTATE."""
         try:
             result, answer = work()
@@ -210,7 +210,7 @@ class Lane(threading.Thread):
         else:
             log.info("job %d was cancelled or taken over; result dropped", job.id)
 
-    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+    def serve(self, jobs: list[Job]) -> None:
         raise NotImplementedError
 
 
@@ -234,7 +234,7 @@ class SearchLane(Lane):
         super().__init__(worker)
         self.batch = worker.settings.search_batch
 
-    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+    def serve(self, jobs: list[Job]) -> None:
         worker = self.worker
         assert self.conn is not None
         searches = [j for j in jobs if j.kind == "search"]
@@ -266,13 +266,13 @@ class SearchLane(Lane):
                           "exhausted": exhausted, "model": worker.embedder.name,
                           "embed_ms": round(share, 3), "search_ms": round(found.search_ms, 3),
                           "index_size": len(worker.index)}
-                self.finish_or_fail(store, job, functools.partial(_with_no_answer, result))
+                self.finish_or_fail(job, functools.partial(_with_no_answer, result))
         for job in embeds:
             def work(job: Job = job) -> tuple[dict[str, Any], str | None]:
                 vector = worker.embedder.embed([_require_text(job.payload, "text")])[0]
                 return {"embedding": [round(float(x), 7) for x in vector],
                         "model": worker.embedder.name, "dim": int(vector.shape[0])}, None
-            self.finish_or_fail(store, job, work)
+            self.finish_or_fail(job, work)
 
 
 class GenerateLane(Lane):
@@ -280,7 +280,7 @@ class GenerateLane(Lane):
 
     kinds = ("generate",)
 
-    def serve(self, store: JobStore, jobs: list[Job]) -> None:
+    def serve(self, jobs: list[Job]) -> None:
         worker = self.worker
         generator = worker.generator
         assert generator is not None, "generate lane without a generation model"
@@ -301,7 +301,7 @@ class GenerateLane(Lane):
                 return res.as_json(), res.answer
 
             try:
-                self.finish_or_fail(store, job, work)
+                self.finish_or_fail(job, work)
             except _Abandoned:
                 if worker.registry.is_cancelled(job.id):
                     log.info("job %d cancelled by its caller; generation stopped", job.id)
