@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,15 @@ import psycopg
 from themis_pg.resources import sample_corpus_dir
 
 QUESTIONS_FILE = sample_corpus_dir().parent / "sample_questions.jsonl"
+TLS = "How do I rotate TLS keys?"
+# SmolLM2 at temperature 0 rambles on this prompt, so max_tokens bounds the run time.
+LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper, chapter by chapter."
+
+
+def themis(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `themis` CLI against ``dsn``."""
+    return subprocess.run([sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 def sample_questions() -> list[dict[str, str]]:

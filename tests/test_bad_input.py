@@ -3,15 +3,10 @@ keeps serving."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import psycopg
 import pytest
 
-from .helpers import one, sqlstate_of
-
-TLS = "How do I rotate TLS keys?"
+from .helpers import TLS, one, sqlstate_of, themis
 
 
 @pytest.mark.parametrize(("sql", "params", "state", "words"), [
@@ -53,11 +48,6 @@ def test_query_model_mismatch_is_a_clear_error(corpus_db, start_worker):
     assert state == "55000"
     assert "embedded with some-other-model" in message and "reembed" in message
     assert one(corpus_db, "SELECT themis_generate('Say hi.', 4)").strip()
-
-
-def themis(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, *args],
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_ingest_invalid_utf8_is_a_clear_cli_error(migrated_db, tmp_path):

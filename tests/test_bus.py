@@ -10,11 +10,7 @@ import time
 import psycopg
 import pytest
 
-from .helpers import Call, one, sqlstate_of, wait_until
-
-TLS = "How do I rotate TLS keys?"
-# SmolLM2 at temperature 0 rambles on this prompt, so max_tokens bounds the run time.
-LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper, chapter by chapter."
+from .helpers import LONG_PROMPT, TLS, Call, one, sqlstate_of, wait_until
 
 
 def job_row(dsn, job_id):

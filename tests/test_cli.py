@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import psycopg
 
-from .helpers import Call, one, wait_until
-
-LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper, chapter by chapter."
-
-
-def themis(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, *args],
-                          capture_output=True, text=True, timeout=300)
+from .helpers import LONG_PROMPT, Call, one, themis, wait_until
 
 
 def test_status_lists_workers_jobs_models_and_documents(rag_db):

@@ -6,9 +6,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from .helpers import one, sqlstate_of
-
-TLS = "How do I rotate TLS keys?"
+from .helpers import TLS, Call, one, sqlstate_of, wait_until
 
 
 @pytest.fixture
@@ -117,8 +115,6 @@ def test_callers_cannot_change_settings_or_inject_sql(rag_db, user_role):
 
 def test_spoofed_cancel_notifications_are_ignored(rag_db, user_role):
     """NOTIFY needs no privilege: a cancel counts only if the jobs table says so."""
-    from .helpers import Call, wait_until
-
     intruder = user_role(rag_db, member_of="")
     call = Call(rag_db, "SELECT themis_generate('Tell me about lighthouses.', 24)")
     call.start()
