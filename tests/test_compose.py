@@ -134,7 +134,7 @@ def test_dockerignore_keeps_every_copied_path(services: dict[str, Any]):
         "pyproject.toml",
         "README.md",
         "alembic.ini",
-        "sql/functions.sql",
+        "sql/api/20_functions.sql",
         "migrations/env.py",
         "themis_pg/pl/__init__.py",
     ):

@@ -12,7 +12,7 @@ from typing import Any
 from .pl import API_VERSION
 from .resources import sql_file
 
-IDEMPOTENT_FILES = ("bus.sql", "functions.sql")
+IDEMPOTENT_FILES = ("api/10_bus.sql", "api/20_functions.sql", "api/90_grants.sql")
 
 
 def _raw_connection(op: Any) -> Any:

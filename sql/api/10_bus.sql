@@ -3,12 +3,14 @@
 -- role may do: it has no rights on any table.
 
 CREATE OR REPLACE FUNCTION themis.config_value(p_key text) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus,themis_user' AS $$
     SELECT value FROM themis.config WHERE key = p_key
 $$;
 
 CREATE OR REPLACE FUNCTION themis.live_worker_exists(p_kind text) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus,themis_user' AS $$
     SELECT EXISTS (
         SELECT 1 FROM themis.workers w
         WHERE p_kind = ANY (w.kinds)
@@ -23,7 +25,8 @@ CREATE OR REPLACE FUNCTION themis.bus_submit(
     p_caller_started timestamptz, p_reply_channel text, p_reply_token text,
     p_timeout_s double precision
 ) RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus' AS $$
 DECLARE
     v_depth bigint;
     v_max   bigint := (themis.config_value('max_queue_depth') #>> '{}')::bigint;
@@ -59,7 +62,8 @@ $$;
 CREATE OR REPLACE FUNCTION themis.bus_take(p_id bigint, p_token text)
 RETURNS TABLE (status text, result jsonb, answer text, error text, error_sqlstate text,
                error_hint text, worker_alive boolean)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus' AS $$
 DECLARE
     r themis.jobs%ROWTYPE;
 BEGIN
@@ -78,7 +82,8 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION themis.bus_ack(p_id bigint, p_token text) RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus' AS $$
     UPDATE themis.jobs SET result = NULL
      WHERE id = p_id AND reply_token = p_token AND result IS NOT NULL
        AND status IN ('done', 'failed', 'cancelled')
@@ -87,7 +92,8 @@ $$;
 -- The calling backend's start time, for the worker's "is the caller still there" check.
 -- SECURITY DEFINER: after SET ROLE, pg_stat_activity hides it from the caller itself.
 CREATE OR REPLACE FUNCTION themis.caller_backend_start() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
     SELECT to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
       FROM pg_stat_get_activity(pg_backend_pid())
 $$;
@@ -97,7 +103,8 @@ $$;
 -- with pg_read_all_settings.
 CREATE OR REPLACE FUNCTION themis.bus_endpoint(
     OUT dsn text, OUT socket_dir text, OUT port text, OUT dbname text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_user' AS $$
     SELECT (SELECT value #>> '{}' FROM themis.config WHERE key = 'bus_dsn'),
            trim(split_part(current_setting('unix_socket_directories'), ',', 1)),
            current_setting('port'), current_database()
@@ -106,7 +113,8 @@ $$;
 -- The waiter gave up (cancel, timeout, no worker): free the worker's slot.
 CREATE OR REPLACE FUNCTION themis.bus_cancel(p_id bigint, p_token text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus' AS $$
 BEGIN
     UPDATE themis.jobs j
        SET status = 'cancelled', error = p_reason, error_sqlstate = '57014',
@@ -120,22 +128,12 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION themis.config_value(text), themis.live_worker_exists(text),
-    themis.bus_endpoint(), themis.caller_backend_start(), themis.bus_ack(bigint, text),
-    themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
-    themis.bus_take(bigint, text), themis.bus_cancel(bigint, text, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    themis.bus_submit(text, jsonb, name, integer, timestamptz, text, text, double precision),
-    themis.bus_take(bigint, text), themis.bus_ack(bigint, text),
-    themis.bus_cancel(bigint, text, text) TO themis_bus;
-GRANT EXECUTE ON FUNCTION themis.config_value(text), themis.live_worker_exists(text)
-    TO themis_bus, themis_user;
-GRANT EXECUTE ON FUNCTION themis.bus_endpoint(), themis.caller_backend_start() TO themis_user;
 
 -- What any themis user may know about the service: no document counts (RLS may hide rows),
 -- no other users' jobs.
 CREATE OR REPLACE FUNCTION public.themis_status() RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_user' AS $$
     SELECT jsonb_build_object(
         'workers', COALESCE((
             SELECT jsonb_agg(jsonb_build_object(
@@ -154,5 +152,3 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
                                    'default', is_default) ORDER BY kind, name)
                               FROM themis.models), '[]'::jsonb))
 $$;
-REVOKE ALL ON FUNCTION public.themis_status() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION public.themis_status() TO themis_user;

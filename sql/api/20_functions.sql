@@ -10,7 +10,8 @@
 -- Re-raise an error caught by a wrapper with PL/Python's "plpy.Error: " (or
 -- "spiexceptions.X: ") prefix removed, keeping its SQLSTATE and (non-empty) hint.
 CREATE OR REPLACE FUNCTION themis.reraise(message text, state text, hint text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 BEGIN
     message := regexp_replace(message, '^(plpy\.Error|spiexceptions\.[A-Za-z]+): ', '');
     IF coalesce(hint, '') IN ('', 'None') THEN
@@ -25,7 +26,8 @@ CREATE OR REPLACE FUNCTION themis.rag_py(
     query text, k integer, max_tokens integer, temperature double precision,
     timeout_s double precision, as_json boolean
 ) RETURNS text
-LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 import json
 from themis_pl import api
 result = api.rag(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
@@ -35,14 +37,16 @@ $$;
 
 CREATE OR REPLACE FUNCTION themis.search_py(query text, k integer, timeout_s double precision)
 RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
-LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 from themis_pl import api
 return api.search_rows(plpy, GD, query, k, timeout_s=timeout_s)
 $$;
 
 CREATE OR REPLACE FUNCTION themis.embed_py(input text, timeout_s double precision)
 RETURNS text
-LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 from themis_pl import api
 return api.embed(plpy, GD, input, timeout_s=timeout_s)
 $$;
@@ -50,7 +54,8 @@ $$;
 CREATE OR REPLACE FUNCTION themis.generate_py(
     prompt text, max_tokens integer, temperature double precision, timeout_s double precision
 ) RETURNS text
-LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 from themis_pl import api
 return api.generate(plpy, GD, prompt, max_tokens=max_tokens, temperature=temperature,
                     timeout_s=timeout_s)["answer"]
@@ -61,7 +66,8 @@ CREATE OR REPLACE FUNCTION public.themis_rag(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
     temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
 ) RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false);
@@ -75,7 +81,8 @@ CREATE OR REPLACE FUNCTION public.themis_rag_json(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
     temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
 ) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true)::jsonb;
@@ -88,7 +95,8 @@ $$;
 CREATE OR REPLACE FUNCTION public.themis_search(
     query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL
 ) RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s);
@@ -101,7 +109,8 @@ $$;
 CREATE OR REPLACE FUNCTION public.themis_embed(
     input text, timeout_s double precision DEFAULT NULL
 ) RETURNS vector
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, public, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.embed_py(input, timeout_s)::vector;
@@ -115,7 +124,8 @@ CREATE OR REPLACE FUNCTION public.themis_generate(
     prompt text, max_tokens integer DEFAULT NULL, temperature double precision DEFAULT 0,
     timeout_s double precision DEFAULT NULL
 ) RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.generate_py(prompt, max_tokens, temperature, timeout_s);
@@ -125,25 +135,3 @@ EXCEPTION WHEN query_canceled OR others THEN
 END
 $$;
 
--- EXECUTE for themis_user (and the owner) only.
-DO $$
-DECLARE
-    f regprocedure;
-BEGIN
-    FOREACH f IN ARRAY ARRAY[
-        'themis.reraise(text, text, text)',
-        'themis.rag_py(text, integer, integer, double precision, double precision, boolean)',
-        'themis.search_py(text, integer, double precision)',
-        'themis.embed_py(text, double precision)',
-        'themis.generate_py(text, integer, double precision, double precision)',
-        'public.themis_rag(text, integer, integer, double precision, double precision)',
-        'public.themis_rag_json(text, integer, integer, double precision, double precision)',
-        'public.themis_search(text, integer, double precision)',
-        'public.themis_embed(text, double precision)',
-        'public.themis_generate(text, integer, double precision, double precision)'
-    ]::regprocedure[] LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO themis_user', f);
-    END LOOP;
-END
-$$;
