@@ -22,24 +22,31 @@ RETURNING j.id, j.kind, j.payload, j.attempts, j.max_attempts,
           extract(epoch FROM j.deadline - now())::float8 AS remaining_s;
 
 -- name: finish
-WITH done AS (
-    UPDATE themis.jobs
-       SET status = 'done', result = %(result)s, answer = %(answer)s, finished_at = now(),
+-- Fenced on the claim: only the worker that holds this attempt can finish it, so a worker
+-- that lost its lease (and whose job another worker re-ran) can never overwrite the result.
+-- Many jobs at once: one round trip for a whole batch of searches.
+WITH finished AS (
+    UPDATE themis.jobs j
+       SET status = 'done', result = f.result, answer = f.answer, finished_at = now(),
            lease_until = NULL
-     WHERE id = %(id)s AND worker_id = %(worker_id)s AND status = 'running'
-    RETURNING id, reply_channel
+      FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(results)s::jsonb[],
+                  %(answers)s::text[]) AS f(id, attempt, result, answer)
+     WHERE j.id = f.id AND j.attempts = f.attempt AND j.worker_id = %(worker_id)s
+       AND j.status = 'running'
+    RETURNING j.id, j.reply_channel
 )
-SELECT pg_notify(reply_channel, id::text) FROM done;
+SELECT id, pg_notify(reply_channel, id::text) FROM finished;
 
 -- name: fail
 WITH failed AS (
     UPDATE themis.jobs
        SET status = 'failed', error = %(error)s, error_sqlstate = %(sqlstate)s,
            error_hint = %(hint)s, finished_at = now(), lease_until = NULL
-     WHERE id = %(id)s AND worker_id = %(worker_id)s AND status = 'running'
+     WHERE id = %(id)s AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+       AND status = 'running'
     RETURNING id, reply_channel
 )
-SELECT pg_notify(reply_channel, id::text) FROM failed;
+SELECT id, pg_notify(reply_channel, id::text) FROM failed;
 
 -- name: release
 -- Clean shutdown: hand our running jobs back without counting the attempt.
@@ -160,10 +167,6 @@ SELECT seq, xid::text::bigint AS xid, doc_id, op FROM themis.changes
  WHERE xid >= %(watermark)s::text::xid8
  ORDER BY seq;
 
--- name: documents_by_id
-SELECT id, embedding, CASE WHEN embedding IS NULL THEN content END AS content
-  FROM themis.documents WHERE id = ANY (%(ids)s);
-
 -- name: store_embedding
 -- Written only if the row still holds the text we embedded.
 UPDATE themis.documents SET embedding = %(embedding)s, updated_at = now()
@@ -182,3 +185,40 @@ WITH claimed AS (
 SELECT embedding_model, dim FROM claimed
 UNION ALL SELECT embedding_model, dim FROM themis.corpus
 LIMIT 1;
+
+-- name: index_delta
+-- Everything one index sync needs, in one statement (one snapshot, one round trip): the
+-- snapshot's xmin (the next watermark), the prune horizon, the server's start time (a restart
+-- can lose async commits), the corpus's model, the changes at or above the watermark not yet
+-- applied, and the current rows of the documents they name plus those still waiting for an
+-- embedding.  A document named but not returned was deleted.
+WITH state AS (
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,
+           (SELECT xid::text::bigint FROM themis.change_horizon) AS horizon,
+           pg_postmaster_start_time() AS server_start,
+           c.embedding_model, c.dim
+      FROM (SELECT 1) AS one LEFT JOIN themis.corpus c ON true
+), fresh AS (
+    SELECT ch.seq, ch.xid::text::bigint AS xid, ch.doc_id, ch.op
+      FROM themis.changes ch
+     WHERE ch.xid >= %(watermark)s::text::xid8
+       AND ch.seq <> ALL (%(seen)s::bigint[])
+), wanted AS (
+    SELECT doc_id AS id FROM fresh WHERE doc_id IS NOT NULL
+    UNION
+    SELECT unnest(%(pending)s::bigint[])
+)
+SELECT 'state' AS tag, s.xmin, s.horizon, s.server_start, s.embedding_model, s.dim,
+       NULL::bigint AS seq, NULL::bigint AS xid, NULL::bigint AS doc_id, NULL::text AS op,
+       NULL::vector AS embedding, NULL::text AS content
+  FROM state s
+UNION ALL
+SELECT 'change', NULL, NULL, NULL, NULL, NULL, f.seq, f.xid, f.doc_id, f.op::text, NULL, NULL
+  FROM fresh f
+UNION ALL
+SELECT 'doc', NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.id, NULL, d.embedding,
+       CASE WHEN d.embedding IS NULL THEN d.content END
+  FROM wanted w JOIN themis.documents d ON d.id = w.id;
+
+-- name: config
+SELECT key, value FROM themis.config;

@@ -231,7 +231,7 @@ def reembed(ctx: Context, model: str | None, progress: bool) -> None:
 @pass_ctx
 def worker(ctx: Context, kinds: str) -> None:
     """Serve the job bus until SIGTERM/SIGINT."""
-    from .worker.loop import Worker
+    from .worker.process import Worker
 
     try:
         wanted = [k.strip() for k in kinds.split(",") if k.strip()]

@@ -9,6 +9,7 @@ change them with ``SET``.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import Field
@@ -49,8 +50,9 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         default=300,
-        description="max_connections of the embedded cluster: every calling session holds a "
-        "second (bus) connection while it waits, so size it at 2x clients + workers.",
+        description="max_connections of the embedded cluster: every session that called a "
+        "themis function holds a second (bus) connection until it has been idle for 60 s "
+        "(idle_session_timeout of role themis_bus), so size it at 2x clients + workers.",
     )
     model_cache: Path = Field(
         default_factory=_default_model_cache,
@@ -74,11 +76,10 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
     )
-    retrieval_backend: str = Field(
-        default="auto", description="'auto' (CuPy when a GPU is usable), 'numpy' or 'cupy'."
-    )
     worker_id: str | None = Field(
-        default=None, description="Identity of this worker in themis.workers (default host:pid)."
+        default=None,
+        description="Identity of this worker in themis.workers; must be unique per start "
+        "(default host:pid:random, since host:pid repeats across container restarts).",
     )
     poll_interval: float = Field(
         default=1.0,
@@ -99,8 +100,9 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level of the CLI and the worker.")
 
     def worker_identity(self) -> str:
-        """A stable, human-readable worker id: host:pid unless THEMIS_WORKER_ID is set."""
-        return self.worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        """A human-readable worker id, unique per start: host:pid:random unless
+        THEMIS_WORKER_ID is set.  Finishing a job is fenced on it and the attempt number."""
+        return self.worker_id or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -1,8 +1,9 @@
 """Claim, finish, fail, renew and reap jobs: each a single guarded statement.
 
 Every method runs in its own short transaction on an autocommit connection: a worker never
-holds a row lock or an open transaction while a model runs.  Whether a ``finish`` counted is
-returned, because a job may have been cancelled or taken over while we worked on it.
+holds a row lock or an open transaction while a model runs.  ``finish`` and ``fail`` are
+fenced on the claim (job id, attempt number and this worker's id), and say which jobs they
+really ended, because a job may have been cancelled or taken over while we worked on it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from psycopg.types.json import Jsonb
 
 from .queries import query
 
-JOB_KINDS = ("search", "embed", "generate")
-
 
 @dataclass(frozen=True)
 class Job:
@@ -30,6 +29,15 @@ class Job:
     attempts: int
     max_attempts: int
     remaining_s: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One job's result, for ``JobStore.finish``."""
+
+    job: Job
+    result: dict[str, Any]
+    answer: str | None = None
 
 
 class JobStore:
@@ -66,19 +74,35 @@ class JobStore:
         return bool(rows)
 
     # -- jobs --------------------------------------------------------------------------
-    def claim(self, kinds: Sequence[str], limit: int, lease_s: float) -> list[Job]:
-        rows = self._run("claim", kinds=list(kinds), limit=limit, lease=lease_s,
-                         worker_id=self.worker_id)
+    def claim_statement(self, kinds: Sequence[str], limit: int,
+                        lease_s: float) -> tuple[str, dict[str, Any]]:
+        """The claim as (sql, params), for callers that pipeline it with other statements."""
+        return query("claim"), {"kinds": list(kinds), "limit": limit, "lease": lease_s,
+                                "worker_id": self.worker_id}
+
+    @staticmethod
+    def jobs_from_rows(rows: Sequence[Sequence[Any]]) -> list[Job]:
         return [Job(id=r[0], kind=r[1], payload=r[2], attempts=r[3], max_attempts=r[4],
                     remaining_s=r[5]) for r in sorted(rows)]
 
-    def finish(self, job_id: int, result: dict[str, Any], answer: str | None = None) -> bool:
-        return bool(self._run("finish", id=job_id, worker_id=self.worker_id,
-                              result=Jsonb(result), answer=answer))
+    def claim(self, kinds: Sequence[str], limit: int, lease_s: float) -> list[Job]:
+        sql, params = self.claim_statement(kinds, limit, lease_s)
+        return self.jobs_from_rows(self.conn.execute(sql, params).fetchall())
 
-    def fail(self, job_id: int, error: str, sqlstate: str, hint: str | None = None) -> bool:
-        return bool(self._run("fail", id=job_id, worker_id=self.worker_id, error=error,
-                              sqlstate=sqlstate, hint=hint))
+    def finish(self, done: Sequence[Finished]) -> set[int]:
+        """Store the results of several jobs in one statement; returns the ids that counted."""
+        if not done:
+            return set()
+        rows = self._run("finish", worker_id=self.worker_id,
+                         ids=[d.job.id for d in done], attempts=[d.job.attempts for d in done],
+                         results=[Jsonb(d.result) for d in done],
+                         answers=[d.answer for d in done])
+        return {int(r[0]) for r in rows}
+
+    def fail(self, job: Job, error: str, sqlstate: str, hint: str | None = None) -> bool:
+        return bool(self._run("fail", id=job.id, attempt=job.attempts,
+                              worker_id=self.worker_id, error=error, sqlstate=sqlstate,
+                              hint=hint))
 
     def release(self, ids: Sequence[int] | None = None) -> int:
         """Put our running jobs (or just ``ids``) back in the queue, attempt not counted."""
@@ -96,6 +120,10 @@ class JobStore:
 
     def cancel_orphans(self) -> list[int]:
         return [r[0] for r in self._run("cancel_orphans")]
+
+    def config(self) -> dict[str, Any]:
+        """themis.config as {key: value}: the worker applies the same caps as bus_submit."""
+        return {str(r[0]): r[1] for r in self._run("config")}
 
     def prune(self, retention_s: float) -> None:
         self._run("prune_jobs", retention=retention_s)

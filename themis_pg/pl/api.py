@@ -1,10 +1,16 @@
-"""Entry points of the SQL functions (``sql/functions.sql``); each takes ``plpy`` and ``GD``.
+"""Entry points of the SQL functions (``sql/api/20_functions.sql``); each takes ``plpy``, ``GD``.
 
-Everything a caller passes is validated here against limits in ``themis.config`` (which
-callers cannot change) before a job is queued.  Documents are read back through SPI *as the
-caller*: the worker only proposes candidate ids, so GRANTs and row-level security decide what
-a call may use, and a call still returns k results when k visible rows exist (it asks the
-worker for more candidates until enough are visible or the corpus is exhausted).
+What a call needs from the database costs one SPI statement (``SELECT current_user``); the
+rest is cached per backend in ``GD`` on the first call (the bus connection, this backend's
+pid and start time, where the bus connects).  Arguments are checked here for what needs no
+settings (NULL, empty, types, signs); the limits of ``themis.config`` (max_k, text sizes,
+max_tokens, ...) are enforced by ``bus_submit``, whose errors reach the caller with their
+SQLSTATE and hint, and again by the worker.
+
+Documents are read back through SPI *as the caller*: the worker only proposes candidate ids,
+so GRANTs and row-level security decide what a call may use, and a call still returns k
+results when k visible rows exist: it pages through the ranking by what it has seen (a score
+cursor), embedding the query once.
 """
 
 from __future__ import annotations
@@ -12,20 +18,23 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .bus import BusClient, Caller, JobOutcome
 from .errors import PLError
+from .payloads import CURSOR_SLACK, SearchCursor, SearchPayload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_MAX_TOKENS = 256
 SNIPPET_CHARS = 240
-MAX_SEARCH_ROUNDS = 6
-MAX_CANDIDATES = 100_000  # per search; beyond it a caller sees fewer than k rows
-MAX_CONTEXT_CHARS = 16_000  # per document sent to generation; the prompt is cut to fit anyway
+MAX_SEARCH_ROUNDS = 8
+GROWTH = 4  # each further round asks for this many times more candidates
+BUS_DSN_FILE = "themis_bus.dsn"  # in the server's data directory (a backend's cwd)
+_CONTEXT_KEY = "themis_backend"
 
 
 def _raises_sql_errors(func: F) -> F:
@@ -43,36 +52,34 @@ def _raises_sql_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# -- configuration and validation ----------------------------------------------------------
-def load_config(plpy: Any) -> dict[str, Any]:
-    rows = plpy.execute("SELECT key, value::text AS value FROM themis.config")
-    return {row["key"]: json.loads(row["value"]) for row in rows}
-
-
-def validate_text(value: Any, name: str, limit: int, limit_key: str) -> str:
+# -- argument checks that need no settings -------------------------------------------------
+def validate_text(value: Any, name: str) -> str:
     if value is None:
         raise PLError(f"{name} must not be NULL", sqlstate="22004")
-    if not value.strip():
+    if not str(value).strip():
         raise PLError(f"{name} must not be empty", sqlstate="22023")
-    if len(value) > limit:
-        raise PLError(
-            f"{name} is {len(value)} characters long; the limit is {limit}",
-            sqlstate="54000", hint=f"Shorten it, or raise {limit_key} in themis.config.")
     return str(value)
 
 
-def validate_int(value: Any, name: str, low: int, high: int, default: int | None = None) -> int:
+def validate_k(value: Any) -> int:
     if value is None:
-        if default is None:
-            raise PLError(f"{name} must not be NULL", sqlstate="22004")
-        return default
-    if not low <= value <= high:
-        raise PLError(f"{name} must be between {low} and {high}, got {value}",
-                      sqlstate="22023")
+        raise PLError("k must not be NULL", sqlstate="22004")
+    if int(value) < 1:
+        raise PLError(f"k must be at least 1, got {value}", sqlstate="22023")
     return int(value)
 
 
-def validate_float(value: Any, name: str, low: float, high: float, default: float) -> float:
+def validate_max_tokens(value: Any) -> int | None:
+    """None: bus_submit fills in the default (256, or max_tokens_limit if lower)."""
+    if value is None:
+        return None
+    if int(value) < 1:
+        raise PLError(f"max_tokens must be at least 1, got {value}", sqlstate="22023")
+    return int(value)
+
+
+def validate_float(value: Any, name: str, low: float, high: float,
+                   default: float | None) -> float | None:
     if value is None:
         return default
     if math.isnan(value) or not low <= value <= high:
@@ -81,80 +88,92 @@ def validate_float(value: Any, name: str, low: float, high: float, default: floa
     return float(value)
 
 
-def validate_timeout(value: Any, config: dict[str, Any]) -> float:
-    return validate_float(value, "timeout_s", 0.001, 86400.0, float(config["default_timeout_s"]))
+# -- what a backend needs once ---------------------------------------------------------------
+class Backend:
+    """Per-backend state kept in GD: the bus client and this backend's identity."""
+
+    def __init__(self, plpy: Any) -> None:
+        row = plpy.execute("SELECT socket_dir, port, dbname, backend_start, "
+                           "pg_backend_pid() AS pid FROM themis.bus_endpoint()")[0]
+        self.pid = int(row["pid"])
+        self.backend_start = str(row["backend_start"])
+        self.bus = BusClient(bus_dsn(row))
+        self.role_plan = plpy.prepare("SELECT current_user::text AS role")
+        self.ping_plan = plpy.prepare("SELECT 1")
 
 
-def validate_generation(config: dict[str, Any], max_tokens: Any,
-                        temperature: Any) -> dict[str, Any]:
-    return {
-        "max_tokens": validate_int(max_tokens, "max_tokens", 1, int(config["max_tokens_limit"]),
-                                   default=min(DEFAULT_MAX_TOKENS,
-                                               int(config["max_tokens_limit"]))),
-        "temperature": validate_float(temperature, "temperature", 0.0, 2.0, 0.0),
-    }
-
-
-# -- the bus from this backend -------------------------------------------------------------
-def bus_dsn(plpy: Any) -> str:
-    """``bus_dsn`` from themis.config, else this server's own unix socket and database."""
-    row = plpy.execute("SELECT dsn, socket_dir, port, dbname FROM themis.bus_endpoint()")[0]
-    if row["dsn"]:
-        return str(row["dsn"])
-    parts = {"host": row["socket_dir"] or "localhost", "port": row["port"],
-             "dbname": row["dbname"], "user": "themis_bus"}
-    return " ".join(f"{k}='{_quote(v)}'" for k, v in parts.items())
+def bus_dsn(endpoint: dict[str, Any]) -> str:
+    """Where the bus connects: ``THEMIS_BUS_DSN`` in the server's environment, else the file
+    ``themis_bus.dsn`` in its data directory, else this server's own unix socket as role
+    themis_bus.  Kept out of themis.config, which every caller can read: a DSN may hold a
+    password."""
+    if dsn := os.environ.get("THEMIS_BUS_DSN", "").strip():
+        return dsn
+    try:
+        dsn = Path(BUS_DSN_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        dsn = ""
+    if dsn:
+        return dsn
+    parts = {"host": endpoint["socket_dir"] or "localhost", "port": endpoint["port"],
+             "dbname": endpoint["dbname"], "user": "themis_bus"}
+    return " ".join(f"{k}='{_quote(str(v))}'" for k, v in parts.items())
 
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def get_bus(plpy: Any, GD: dict[str, Any]) -> BusClient:
-    dsn = bus_dsn(plpy)
-    bus = GD.get("themis_bus")
-    if not isinstance(bus, BusClient) or bus.dsn != dsn:
-        bus = BusClient(dsn)
-        GD["themis_bus"] = bus
-    return bus
-
-
-def current_caller(plpy: Any) -> Caller:
-    row = plpy.execute(
-        "SELECT current_user::text AS role, pg_backend_pid() AS pid, "
-        "themis.caller_backend_start() AS started")[0]
-    return Caller(role=row["role"], pid=int(row["pid"]), backend_start=row["started"])
+def backend(plpy: Any, GD: dict[str, Any]) -> Backend:
+    state = GD.get(_CONTEXT_KEY)
+    if not isinstance(state, Backend):
+        state = Backend(plpy)
+        GD[_CONTEXT_KEY] = state
+    return state
 
 
 class Session:
-    """One SQL call: its config, bus, caller identity and overall deadline."""
+    """One SQL call: who calls, its bus, and one deadline over all of its jobs."""
 
     def __init__(self, plpy: Any, GD: dict[str, Any], timeout_s: Any) -> None:
         self.plpy = plpy
-        self.config = load_config(plpy)
-        self.timeout_s = validate_timeout(timeout_s, self.config)
-        self.deadline = time.monotonic() + self.timeout_s
-        self.bus = get_bus(plpy, GD)
-        self.caller = current_caller(plpy)
-        self._ping = plpy.prepare("SELECT 1")
+        self.backend = backend(plpy, GD)
+        self.timeout_s = validate_float(timeout_s, "timeout_s", 0.001, 86400.0, None)
+        role = plpy.execute(self.backend.role_plan)[0]["role"]
+        self.caller = Caller(role=str(role), pid=self.backend.pid,
+                             backend_start=self.backend.backend_start)
+        self.started = time.monotonic()
+        self.deadline: float | None = None
+        self.stated_timeout_s = 0.0
 
     def check_interrupts(self) -> None:
         """Any SPI call processes pending interrupts: statement_timeout, cancel, disconnect."""
-        self.plpy.execute(self._ping)
+        self.plpy.execute(self.backend.ping_plan)
 
     def run(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise PLError(f"themis call timed out after {self.timeout_s:g} s", sqlstate="57014")
-        outcome = self.bus.call(kind, json.dumps(payload), self.caller, remaining,
-                                self.check_interrupts, call_timeout_s=self.timeout_s,
-                                worker_grace_s=float(self.config["worker_stale_s"]))
+        bus = self.backend.bus
+        if self.deadline is None:
+            remaining = self.timeout_s
+        else:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise PLError(f"themis call timed out after {self.stated_timeout_s:g} s",
+                              sqlstate="57014", hint="Pass a larger timeout_s or add workers.")
+        job = bus.submit(kind, json.dumps(payload), self.caller, remaining)
+        if self.deadline is None:  # the first job says which timeout is in force
+            self.stated_timeout_s = job.timeout_s
+            self.deadline = self.started + job.timeout_s
+        outcome = bus.wait(job, self.deadline, self.stated_timeout_s, self.check_interrupts)
         return _result_or_raise(kind, outcome)
 
 
 def _result_or_raise(kind: str, outcome: JobOutcome) -> dict[str, Any]:
     if outcome.status == "done" and outcome.result is not None:
         return outcome.result
+    if outcome.status == "done":
+        raise PLError(f"themis {kind} job finished, but its result was already taken "
+                      "(the bus connection dropped while reading it)", sqlstate="58000",
+                      hint="Retry the call.")
     if outcome.status == "cancelled":
         raise PLError(f"themis {kind} job was cancelled: {outcome.error or 'no reason given'}",
                       sqlstate=outcome.error_sqlstate or "57014")
@@ -164,18 +183,28 @@ def _result_or_raise(kind: str, outcome: JobOutcome) -> dict[str, Any]:
 
 
 # -- retrieval as the caller ---------------------------------------------------------------
+VISIBLE_SQL = (
+    "SELECT d.id, d.content, d.metadata::text AS metadata, s.uri AS source "
+    "FROM unnest($1::bigint[]) WITH ORDINALITY AS c(id, ord) "
+    "JOIN themis.documents d ON d.id = c.id "
+    "LEFT JOIN themis.sources s ON s.id = d.source_id "
+    "ORDER BY c.ord LIMIT $2")
+
+
 def visible_documents(plpy: Any, ids: list[int], limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` of ``ids`` (in order) that the caller may read, fetched through
     SPI under the caller's own rights: GRANTs and row-level security apply."""
     if not ids or limit <= 0:
         return []
-    plan = plpy.prepare(
-        "SELECT d.id, d.content, d.metadata::text AS metadata, s.uri AS source "
-        "FROM unnest($1::bigint[]) WITH ORDINALITY AS c(id, ord) "
-        "JOIN themis.documents d ON d.id = c.id "
-        "LEFT JOIN themis.sources s ON s.id = d.source_id "
-        "ORDER BY c.ord LIMIT $2", ["bigint[]", "integer"])
+    plan = plpy.prepare(VISIBLE_SQL, ["bigint[]", "integer"])
     return [dict(r) for r in plpy.execute(plan, [ids, limit])]
+
+
+def next_cursor(seen: dict[int, float], last_score: float) -> SearchCursor:
+    """Continue below the last candidate's score; exclude what was seen near that boundary
+    (ties at the cut, or rows whose score rounds differently in another batch)."""
+    return SearchCursor(last_score, tuple(sorted(
+        i for i, s in seen.items() if s <= last_score + CURSOR_SLACK)))
 
 
 def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, Any]],
@@ -183,25 +212,32 @@ def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, 
     """The k best documents the caller can see, best first, and the search's stats.
 
     Candidates come from the worker, which sees every row; those the caller cannot read are
-    skipped, and more are asked for (4x each round) until k are found or none are left.
+    skipped, and further rounds continue below the last score seen (GROWTH times more each),
+    until k are found or the ranking is exhausted.  A row is never offered twice.
     """
     n = max(4 * k, k + 16)
-    stats: dict[str, Any] = {"embed_ms": 0.0, "search_ms": 0.0}
+    stats: dict[str, Any] = {"embed_ms": 0.0, "search_ms": 0.0, "rounds": 0}
     picked: list[dict[str, Any]] = []
-    checked = 0  # candidates already examined in earlier rounds (rankings are stable)
+    seen: dict[int, float] = {}
+    cursor: SearchCursor | None = None
+    vector: str | None = None
     for _ in range(MAX_SEARCH_ROUNDS):
-        result = session.run("search", {"query": query, "n": n})
+        result = session.run("search", SearchPayload(query, k, n, cursor, vector).to_json())
+        stats["rounds"] += 1
         stats["embed_ms"] += result.get("embed_ms", 0.0)
         stats["search_ms"] += result.get("search_ms", 0.0)
         stats["embedding_model"] = result.get("model")
-        candidates = result["candidates"][checked:]
-        scores = {int(i): float(s) for i, s in candidates}
-        found = visible_documents(session.plpy, [int(i) for i, _ in candidates], k - len(picked))
+        candidates = [(int(i), float(s)) for i, s in result["candidates"]]
+        fresh = [(i, s) for i, s in candidates if i not in seen]
+        seen.update(fresh)
+        scores = dict(fresh)
+        found = visible_documents(session.plpy, [i for i, _ in fresh], k - len(picked))
         picked += [dict(d, score=scores[int(d["id"])]) for d in found]
-        checked += len(candidates)
-        if len(picked) >= k or result.get("exhausted", True) or n >= MAX_CANDIDATES:
+        if len(picked) >= k or result.get("exhausted", True) or not candidates:
             break
-        n = min(n * 4, MAX_CANDIDATES)
+        cursor = next_cursor(seen, candidates[-1][1])
+        vector = result.get("vector_b64")
+        n = min(n * GROWTH, int(result.get("max_candidates", n)))
     return picked, stats
 
 
@@ -210,17 +246,21 @@ def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, 
 def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
         temperature: Any = None, timeout_s: Any = None) -> dict[str, Any]:
     started = time.monotonic()
+    query = validate_text(query, "query")
+    k = validate_k(k)
+    max_tokens = validate_max_tokens(max_tokens)
+    temperature = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
     session = Session(plpy, GD, timeout_s)
-    cfg = session.config
-    query = validate_text(query, "query", int(cfg["max_query_chars"]), "max_query_chars")
-    k = validate_int(k, "k", 1, int(cfg["max_k"]))
-    options = validate_generation(cfg, max_tokens, temperature)
     docs, stats = top_k_visible(session, query, k)
     t_gen = time.monotonic()
-    contexts = [{"id": d["id"], "content": d["content"][:MAX_CONTEXT_CHARS],
-                 "source": d["source"]} for d in docs]
-    gen = session.run("generate", {"mode": "rag", "query": query, "contexts": contexts,
-                                   **options})
+    payload: dict[str, Any] = {
+        "mode": "rag", "query": query, "temperature": temperature,
+        # bus_submit cuts each content to max_context_chars
+        "contexts": [{"id": d["id"], "content": d["content"], "source": d["source"]}
+                     for d in docs]}
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
+    gen = session.run("generate", payload)
     done = time.monotonic()
     return {
         "answer": gen["answer"],
@@ -239,6 +279,7 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
         "timings": {
             "embed_ms": round(stats["embed_ms"], 3),
             "search_ms": round(stats["search_ms"], 3),
+            "search_rounds": stats["rounds"],
             "retrieval_total_ms": round((t_gen - started) * 1000, 3),
             "generate_ms": round(gen.get("generate_ms", 0.0), 3),
             "total_ms": round((done - started) * 1000, 3),
@@ -249,10 +290,9 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
 @_raises_sql_errors
 def search_rows(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *,
                 timeout_s: Any = None) -> list[dict[str, Any]]:
+    query = validate_text(query, "query")
+    k = validate_k(k)
     session = Session(plpy, GD, timeout_s)
-    cfg = session.config
-    query = validate_text(query, "query", int(cfg["max_query_chars"]), "max_query_chars")
-    k = validate_int(k, "k", 1, int(cfg["max_k"]))
     docs, _ = top_k_visible(session, query, k)
     return [{"id": d["id"], "score": d["score"], "content": d["content"],
              "metadata": d["metadata"]} for d in docs]
@@ -260,9 +300,8 @@ def search_rows(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *,
 
 @_raises_sql_errors
 def embed(plpy: Any, GD: dict[str, Any], text: Any, *, timeout_s: Any = None) -> str:
+    text = validate_text(text, "input")
     session = Session(plpy, GD, timeout_s)
-    text = validate_text(text, "input", int(session.config["max_query_chars"]),
-                         "max_query_chars")
     result = session.run("embed", {"text": text})
     return "[" + ",".join(repr(float(x)) for x in result["embedding"]) + "]"
 
@@ -270,8 +309,10 @@ def embed(plpy: Any, GD: dict[str, Any], text: Any, *, timeout_s: Any = None) ->
 @_raises_sql_errors
 def generate(plpy: Any, GD: dict[str, Any], prompt: Any, *, max_tokens: Any = None,
              temperature: Any = None, timeout_s: Any = None) -> dict[str, Any]:
+    prompt = validate_text(prompt, "prompt")
+    payload: dict[str, Any] = {"mode": "raw", "prompt": prompt}
+    if (max_tokens := validate_max_tokens(max_tokens)) is not None:
+        payload["max_tokens"] = max_tokens
+    payload["temperature"] = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
     session = Session(plpy, GD, timeout_s)
-    cfg = session.config
-    prompt = validate_text(prompt, "prompt", int(cfg["max_prompt_chars"]), "max_prompt_chars")
-    options = validate_generation(cfg, max_tokens, temperature)
-    return session.run("generate", {"mode": "raw", "prompt": prompt, **options})
+    return session.run("generate", payload)

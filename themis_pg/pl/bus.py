@@ -4,12 +4,21 @@ A PL/Python function runs inside the caller's transaction: a job INSERTed throug
 stay invisible to the worker until the caller commits, and the caller could not see the
 worker's answer from a REPEATABLE READ snapshot.  So every job goes through an *autonomous*
 connection (role ``themis_bus``) that commits on its own, LISTENs on a channel private to
-this backend, and reads the answer.  The connection is cached per backend.
+this backend, and reads the answer.
+
+One job costs two round trips on that connection: ``bus_submit`` (checks, queues, notifies
+the workers and says which timeout is in force) and, once our channel is notified,
+``bus_take`` (reads the outcome and clears a search's candidates in the same statement).
+Nothing is read before the wake-up; the row is re-read every ``poll_interval`` only in case a
+notification was lost.
 
 Waiting happens in short slices; between slices ``check_interrupts`` (an SPI ``SELECT 1``)
 lets PostgreSQL act on ``statement_timeout``, ``pg_cancel_backend`` and client disconnects.
-The jobs table is the truth: notifications only wake us early, and the row is re-read every
-``poll_interval`` in case one was lost.
+
+The connection is cached per backend between calls.  The server closes it after 60 s idle
+(``idle_session_timeout`` of role themis_bus, revision 0002), so a session that stopped
+calling themis gives its second connection back; the next call opens a new one (we do so
+ourselves a little before the server would).
 
 Only the standard library and psycopg (Debian's python3-psycopg) may be imported here.
 """
@@ -30,6 +39,7 @@ from .errors import PLError
 
 TERMINAL = ("done", "failed", "cancelled")
 WAIT_SLICE_S = 0.05
+IDLE_RECONNECT_S = 50.0  # below the server's idle_session_timeout of 60 s
 # Our own SQLSTATE for bus trouble: class 08 would make client pools drop the *caller's*
 # healthy connection.
 BUS_TROUBLE = "58000"
@@ -42,6 +52,17 @@ class Caller:
     role: str
     pid: int
     backend_start: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A queued job, with the timeout and worker grace bus_submit put in force."""
+
+    id: int
+    token: str
+    kind: str
+    timeout_s: float
+    worker_stale_s: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class BusClient:
         self.connect_timeout = connect_timeout
         self.channel = f"themis_reply_{secrets.token_hex(8)}"
         self._conn: psycopg.Connection[Any] | None = None
+        self._last_used = 0.0
         self._woken: set[str] = set()  # payloads (job ids) notified on our channel
 
     # -- connection ---------------------------------------------------------------------
@@ -80,12 +102,13 @@ class BusClient:
                     "connection slot",
                     sqlstate="53300",
                     hint="Each session calling themis functions holds one extra connection "
-                    "while it waits; raise max_connections.",
+                    "(closed after 60 s idle); raise max_connections.",
                 ) from exc
             raise PLError(
                 f"themis could not open its bus connection: {text.strip()}",
                 sqlstate=BUS_TROUBLE,
-                hint="Check themis.config 'bus_dsn' and that role themis_bus may log in.",
+                hint="Check that role themis_bus may log in over the server's unix socket "
+                "(README 'Existing PostgreSQL servers'), or THEMIS_BUS_DSN.",
             ) from exc
         # Notifications that arrive while a statement runs are delivered to handlers only.
         conn.add_notify_handler(self._on_notify)
@@ -98,9 +121,13 @@ class BusClient:
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
+        now = time.monotonic()
+        if self._conn is not None and now - self._last_used > IDLE_RECONNECT_S:
+            self._reset()  # the server is about to close it (or did): start afresh
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = None
             self._conn = self._connect()
+        self._last_used = now
         return self._conn
 
     def _reset(self) -> None:
@@ -128,21 +155,25 @@ class BusClient:
         raise AssertionError("unreachable")
 
     # -- protocol -------------------------------------------------------------------------
-    def submit(self, kind: str, payload: str, caller: Caller, token: str,
-               timeout_s: float) -> int:
-        """Queue a job; idempotent per token, so the reconnect-retry never queues twice."""
+    def submit(self, kind: str, payload: str, caller: Caller,
+               timeout_s: float | None) -> Submitted:
+        """Queue a job (``timeout_s`` None: the server's default).  Idempotent per token, so
+        the reconnect-retry never queues twice."""
+        token = secrets.token_hex(16)
         rows = self._execute(
-            "SELECT themis.bus_submit(%s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s, %s)",
+            "SELECT job_id, timeout_s, worker_stale_s FROM themis.bus_submit("
+            "%s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s, %s)",
             (kind, payload, caller.role, caller.pid, caller.backend_start, self.channel,
              token, timeout_s),
         )
-        return int(rows[0][0])
+        job_id, effective, stale = rows[0]
+        return Submitted(int(job_id), token, kind, float(effective), float(stale))
 
-    def take(self, job_id: int, token: str) -> tuple[JobOutcome | None, bool]:
+    def take(self, job: Submitted) -> tuple[JobOutcome | None, bool]:
         """The job's outcome once it has one (else None), and whether a worker is alive."""
         rows = self._execute(
             "SELECT status, result, answer, error, error_sqlstate, error_hint, worker_alive "
-            "FROM themis.bus_take(%s, %s)", (job_id, token),
+            "FROM themis.bus_take(%s, %s)", (job.id, job.token),
         )
         if not rows:
             return JobOutcome("failed", None, None, "job vanished from themis.jobs",
@@ -152,16 +183,10 @@ class BusClient:
             return None, bool(alive)
         return JobOutcome(status, result, answer, error, sqlstate, hint), True
 
-    def ack(self, job_id: int, token: str) -> None:
-        """Clear the job's internal result now that we hold it (best effort: the column is
-        not readable by callers, and finished jobs are pruned anyway)."""
-        with contextlib.suppress(PLError):
-            self._execute("SELECT themis.bus_ack(%s, %s)", (job_id, token))
-
-    def cancel(self, job_id: int, token: str, reason: str) -> None:
+    def cancel(self, job: Submitted, reason: str) -> None:
         """Best effort: the worker's orphan check catches what this misses."""
         try:
-            self._execute("SELECT themis.bus_cancel(%s, %s, %s)", (job_id, token, reason))
+            self._execute("SELECT themis.bus_cancel(%s, %s, %s)", (job.id, job.token, reason))
         except Exception:
             self._reset()
 
@@ -182,44 +207,38 @@ class BusClient:
             return True
         return False
 
-    def call(self, kind: str, payload: str, caller: Caller, timeout_s: float,
-             check_interrupts: Callable[[], None], *, call_timeout_s: float | None = None,
-             worker_grace_s: float = 15.0) -> JobOutcome:
-        """Submit a job and wait for its outcome, honouring cancels and the timeout.
+    def wait(self, job: Submitted, deadline: float, stated_timeout_s: float,
+             check_interrupts: Callable[[], None]) -> JobOutcome:
+        """Wait for the job's outcome until ``deadline`` (time.monotonic()).
 
-        ``timeout_s`` is what is left of the SQL call's ``call_timeout_s`` (for messages).
-        If no worker for the job's kind is alive for ``worker_grace_s`` while we wait (its
+        If no worker for the job's kind is alive for ``worker_stale_s`` while we wait (its
         worker died or stopped and no other took over), the call fails instead of waiting
-        out its timeout.
+        out its timeout.  On any exception (cancel, timeout, bus trouble) the job is
+        cancelled, which frees the worker's slot.
         """
-        stated = timeout_s if call_timeout_s is None else call_timeout_s
-        token = secrets.token_hex(16)
-        job_id = self.submit(kind, payload, caller, token, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        next_check = 0.0
+        next_check = time.monotonic() + self.poll_interval  # no read before a wake-up
         no_worker_since: float | None = None
         try:
             while True:
                 now = time.monotonic()
                 if now >= next_check:
-                    outcome, alive = self.take(job_id, token)
+                    outcome, alive = self.take(job)
                     if outcome is not None:
-                        if outcome.result is not None:
-                            self.ack(job_id, token)
                         return outcome
                     no_worker_since = None if alive else (no_worker_since or now)
-                    if no_worker_since is not None and now - no_worker_since >= worker_grace_s:
+                    if (no_worker_since is not None
+                            and now - no_worker_since >= job.worker_stale_s):
                         raise PLError(
-                            f"the themis worker serving this {kind} job stopped and no other "
-                            "worker is running", sqlstate="55000",
+                            f"the themis worker serving this {job.kind} job stopped and no "
+                            "other worker is running", sqlstate="55000",
                             hint="Start one with `themis worker`.")
                     next_check = now + self.poll_interval
                 if now >= deadline:
-                    raise PLError(f"themis call timed out after {stated:g} s "
-                                  f"(waiting for its {kind} job)", sqlstate="57014",
+                    raise PLError(f"themis call timed out after {stated_timeout_s:g} s "
+                                  f"(waiting for its {job.kind} job)", sqlstate="57014",
                                   hint="Pass a larger timeout_s or add workers.")
                 try:
-                    if self._wait_for_notify(min(WAIT_SLICE_S, deadline - now), job_id):
+                    if self._wait_for_notify(min(WAIT_SLICE_S, deadline - now), job.id):
                         next_check = 0.0
                 except (psycopg.OperationalError, OSError):
                     self._reset()  # dropped bus connection: reconnect, re-LISTEN, re-read
@@ -229,5 +248,5 @@ class BusClient:
             # statement_timeout, pg_cancel_backend, our own timeout, no worker, a bus
             # failure: free the worker's slot (a no-op if the job already ended).
             reason = exc.message if isinstance(exc, PLError) else "caller cancelled"
-            self.cancel(job_id, token, reason)
+            self.cancel(job, reason)
             raise

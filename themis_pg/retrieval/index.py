@@ -1,14 +1,18 @@
-"""The worker's in-memory copy of the document embeddings, kept current from the change log.
+"""The worker's copy of the document embeddings, kept current from the change log.
 
-Loading reads ``themis.documents`` with binary COPY and parses the stream with one NumPy
-structured dtype: no Python object per row.  After that, ``sync`` applies only what changed:
+The rows live in a ``VectorStore`` (store.py: NumPy here, CuPy on a GPU).  Loading reads
+``themis.documents`` with binary COPY and parses the stream with one NumPy structured dtype:
+no Python object per row.  After that, a sync applies only what changed:
 
 * every write to ``themis.documents`` logs (seq, xid, doc_id) in ``themis.changes``;
 * a sync reads the changes whose writing transaction id is >= the oldest transaction that
   was still running at the previous sync (the *watermark*).  A transaction that committed
   late with a low ``seq`` is therefore never skipped, and changes already applied are
   remembered by ``seq`` so they are not fetched twice;
-* the changed rows are re-read (the table is the truth), so applying a change is idempotent.
+* the changed rows are re-read (the table is the truth), so applying a change is idempotent;
+* the whole delta (snapshot state, corpus, new changes, the changed rows) is ONE statement
+  (``index_delta`` in sql/queries.sql), hence one snapshot and one round trip, which the
+  search lane pipelines behind its claim: a steady-state sync costs no round trip of its own.
 
 Read-your-writes follows: the worker syncs before serving each batch of searches, and a job
 is only claimable after its caller's earlier commits.
@@ -29,7 +33,7 @@ from psycopg import sql
 
 from ..bus.queries import query
 from ..errors import ModelMismatch
-from .topk import top_k
+from .store import Hit, NumpyStore, SearchFilter, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +89,44 @@ class SyncStats:
     ms: float = 0.0
 
 
-class EmbeddingIndex:
-    """Document ids and unit-norm embeddings in host memory, searched exactly."""
+@dataclass(frozen=True)
+class Delta:
+    """What one ``index_delta`` statement returned, split by row tag."""
 
-    def __init__(self, dim: int, model: str) -> None:
+    xmin: int
+    horizon: int
+    server_start: Any
+    corpus: tuple[str, int] | None
+    changes: list[tuple[int, int, int | None, str]]   # (seq, xid, doc_id, op)
+    docs: list[tuple[int, Any, str | None]]           # (id, embedding, content if unembedded)
+
+
+def parse_delta(rows: Sequence[Sequence[Any]]) -> Delta:
+    state = next(r for r in rows if r[0] == "state")
+    return Delta(
+        xmin=int(state[1]), horizon=int(state[2]), server_start=state[3],
+        corpus=None if state[4] is None else (str(state[4]), int(state[5])),
+        changes=[(int(r[6]), int(r[7]), None if r[8] is None else int(r[8]), str(r[9]))
+                 for r in rows if r[0] == "change"],
+        docs=[(int(r[8]), r[10], r[11]) for r in rows if r[0] == "doc"])
+
+
+class EmbeddingIndex:
+    """Document ids and unit-norm embeddings in a store, kept current, searched exactly."""
+
+    def __init__(self, dim: int, model: str, store: VectorStore | None = None) -> None:
         self.dim = dim
         self.model = model
-        self._ids = np.empty(0, np.int64)
-        self._matrix = np.empty((0, dim), np.float32)
-        self._size = 0
-        self._row_of: dict[int, int] = {}
+        self.store: VectorStore = store if store is not None else NumpyStore(dim)
         self.watermark: int | None = None
-        self._seen: set[int] = set()
+        self._seen: dict[int, int] = {}  # seq -> xid of applied changes at/above the watermark
         self._pending: set[int] = set()  # documents still waiting for an embedding
         self._server_start: Any = None
         self.corpus_model: str | None = None
+        self.last_sync = SyncStats()
 
     def __len__(self) -> int:
-        return self._size
+        return len(self.store)
 
     # -- whole-table load --------------------------------------------------------------
     def load(self, conn: psycopg.Connection[Any]) -> None:
@@ -111,9 +135,10 @@ class EmbeddingIndex:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             watermark, _, server_start = cur.execute(query("snapshot_state")).fetchone()  # type: ignore[misc]
-            self._check_corpus(cur)
-            seen = {int(r[0]) for r in cur.execute(query("changes_since"),
-                                                   {"watermark": str(watermark)})}
+            row = cur.execute(query("corpus")).fetchone()
+            self._check_corpus(None if row is None else (str(row[0]), int(row[1])))
+            seen = {int(r[0]): int(r[1]) for r in cur.execute(
+                query("changes_since"), {"watermark": str(watermark)})}
             # Rows committed without an embedding: embedded by the next sync.
             unembedded = {int(r[0]) for r in cur.execute(query("unembedded_documents"))}
             stmt = sql.SQL(
@@ -125,18 +150,17 @@ class EmbeddingIndex:
                 for chunk in copy:
                     buf += chunk
         ids, vectors = parse_binary_copy(buf, self.dim)
-        self._replace_all(ids, normalize(vectors))
+        self.store.replace_all(ids, normalize(vectors))
         self.watermark, self._seen = int(watermark), seen
         self._pending = unembedded
         self._server_start = server_start
-        log.info("loaded %d embeddings (dim %d) in %.1f ms", self._size, self.dim,
+        log.info("loaded %d embeddings (dim %d) in %.1f ms", len(self.store), self.dim,
                  (time.perf_counter() - started) * 1000)
 
-    def _check_corpus(self, cur: psycopg.Cursor[Any]) -> None:
-        row = cur.execute(query("corpus")).fetchone()
-        self.corpus_model = None if row is None else str(row[0])
-        if row is not None:
-            self._require_model(str(row[0]), int(row[1]))
+    def _check_corpus(self, corpus: tuple[str, int] | None) -> None:
+        self.corpus_model = None if corpus is None else corpus[0]
+        if corpus is not None:
+            self._require_model(*corpus)
 
     def _require_model(self, model: str, dim: int) -> None:
         if model != self.model or dim != self.dim:
@@ -146,71 +170,75 @@ class EmbeddingIndex:
                 hint="Run `themis reembed` or start the worker with THEMIS_EMBEDDING_MODEL="
                 f"{model}.")
 
-    def _replace_all(self, ids: npt.NDArray[np.int64],
-                     vectors: npt.NDArray[np.float32]) -> None:
-        self._ids = ids.copy()
-        self._matrix = np.ascontiguousarray(vectors)
-        self._size = len(ids)
-        self._row_of = {int(i): r for r, i in enumerate(ids)}
-
     # -- incremental -------------------------------------------------------------------
-    def sync(self, conn: psycopg.Connection[Any], embed: EmbedFn | None = None) -> SyncStats:
-        """Apply the changes committed since the last load/sync; embed rows lacking one.
-
-        Reloads instead when the change log was pruned past our watermark, when the log
-        says TRUNCATE, or when the server restarted (its xids may have gone back).
-        """
+    def delta_query(self) -> tuple[str, dict[str, Any]] | None:
+        """The one statement that fetches everything a sync needs (None before a load)."""
         if self.watermark is None:
+            return None
+        return query("index_delta"), {"watermark": str(self.watermark),
+                                      "seen": sorted(self._seen), "pending": sorted(self._pending)}
+
+    def sync(self, conn: psycopg.Connection[Any], embed: EmbedFn | None = None) -> SyncStats:
+        """Fetch and apply the changes committed since the last load/sync (one round trip
+        unless rows must be embedded or the index reloaded)."""
+        q = self.delta_query()
+        if q is None:
             self.load(conn)
             return SyncStats(reloaded=True)
+        rows = conn.execute(*q).fetchall()
+        return self.apply_delta(rows, conn, embed)
+
+    def apply_delta(self, rows: Sequence[Sequence[Any]], conn: psycopg.Connection[Any],
+                    embed: EmbedFn | None = None) -> SyncStats:
+        """Apply what ``delta_query`` returned.  Reloads instead when the change log was pruned
+        past our watermark, when the log says TRUNCATE, or when the server restarted (its xids
+        may have gone back)."""
         started = time.perf_counter()
-        stats = SyncStats()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            new_watermark, horizon, server_start = cur.execute(  # type: ignore[misc]
-                query("snapshot_state")).fetchone()
-            self._check_corpus(cur)
-            stale = self.watermark < int(horizon) or server_start != self._server_start
-            rows = [] if stale else cur.execute(
-                query("changes_since"), {"watermark": str(self.watermark)}).fetchall()
-            fresh = [r for r in rows if r[0] not in self._seen]
-            reload = stale or any(r[3] == "T" for r in fresh)
-            doc_ids = sorted({int(r[2]) for r in fresh if r[2] is not None} | self._pending)
-            docs = [] if reload or not doc_ids else cur.execute(
-                query("documents_by_id"), {"ids": doc_ids}).fetchall()
-        if reload:
+        assert self.watermark is not None, "apply_delta before load"
+        delta = parse_delta(rows)
+        self._check_corpus(delta.corpus)
+        stale = self.watermark < delta.horizon or delta.server_start != self._server_start
+        if stale or any(op == "T" for _, _, _, op in delta.changes):
             log.info("index reload (%s)", "change log pruned or server restarted" if stale
                      else "documents truncated")
             self.load(conn)
-            return SyncStats(changes=len(fresh), reloaded=True)
-        stats.changes = len(fresh)
+            self.last_sync = SyncStats(changes=len(delta.changes), reloaded=True,
+                                       ms=(time.perf_counter() - started) * 1000)
+            return self.last_sync
+        stats = SyncStats(changes=len(delta.changes))
+        wanted = {d for _, _, d, _ in delta.changes if d is not None} | self._pending
         found: set[int] = set()
         to_embed: list[tuple[int, str]] = []
-        for doc_id, embedding, content in docs:
+        up_ids: list[int] = []
+        up_vecs: list[npt.NDArray[np.float32]] = []
+        for doc_id, embedding, content in delta.docs:
             found.add(doc_id)
             if embedding is None:
-                to_embed.append((doc_id, content))
+                to_embed.append((doc_id, str(content)))
                 continue
             vector = embedding if isinstance(embedding, np.ndarray) else parse_vector_text(
                 str(embedding))
             if vector.shape[0] != self.dim:
                 log.warning("document %d has a %d-dim embedding; expected %d: skipped",
                             doc_id, vector.shape[0], self.dim)
-                stats.deleted += self._delete(doc_id)
+                stats.deleted += self.store.delete([doc_id])
                 continue
-            self._upsert(doc_id, vector.astype(np.float32))
-            stats.upserted += 1
-        for doc_id in doc_ids:
-            if doc_id not in found:
-                stats.deleted += self._delete(doc_id)
+            up_ids.append(doc_id)
+            up_vecs.append(vector.astype(np.float32))
+        if up_ids:
+            self.store.upsert(np.array(up_ids, np.int64), normalize(np.stack(up_vecs)))
+            stats.upserted = len(up_ids)
+        stats.deleted += self.store.delete(sorted(wanted - found))
         self._pending = {doc_id for doc_id, _ in to_embed}
         if to_embed and embed is not None:
             stats.embedded = self._embed_missing(conn, to_embed, embed)
-        self.watermark = int(new_watermark)
-        self._seen = {int(r[0]) for r in rows if int(r[1]) >= self.watermark}
+        self.watermark = delta.xmin
+        seen = {**self._seen, **{seq: xid for seq, xid, _, _ in delta.changes}}
+        self._seen = {seq: xid for seq, xid in seen.items() if xid >= self.watermark}
         stats.ms = (time.perf_counter() - started) * 1000
         if stats.changes:
             log.debug("index sync: %s", stats)
+        self.last_sync = stats
         return stats
 
     def _embed_missing(self, conn: psycopg.Connection[Any], docs: list[tuple[int, str]],
@@ -237,46 +265,12 @@ class EmbeddingIndex:
             log.info("documents %s are locked by a writer; embedding them later",
                      [d for d, _ in docs])
             return 0
-        for (doc_id, _), vector in zip(docs, vectors, strict=True):
-            self._upsert(doc_id, vector)
+        self.store.upsert(np.array([d for d, _ in docs], np.int64), normalize(vectors))
         self._pending.difference_update(doc_id for doc_id, _ in docs)
         return len(docs)
 
-    def _upsert(self, doc_id: int, vector: npt.NDArray[np.float32]) -> None:
-        norm = float(np.linalg.norm(vector))
-        unit = vector / norm if norm else vector
-        row = self._row_of.get(doc_id)
-        if row is None:
-            if self._size == self._matrix.shape[0]:
-                grow = max(1024, self._size // 2)
-                self._matrix = np.concatenate([self._matrix, np.zeros((grow, self.dim),
-                                                                      np.float32)])
-                self._ids = np.concatenate([self._ids, np.zeros(grow, np.int64)])
-            row = self._size
-            self._size += 1
-            self._row_of[doc_id] = row
-            self._ids[row] = doc_id
-        self._matrix[row] = unit
-
-    def _delete(self, doc_id: int) -> int:
-        """Swap-remove: O(1), order of rows does not matter to exact search."""
-        row = self._row_of.pop(doc_id, None)
-        if row is None:
-            return 0
-        last = self._size - 1
-        if row != last:
-            moved = int(self._ids[last])
-            self._ids[row] = moved
-            self._matrix[row] = self._matrix[last]
-            self._row_of[moved] = row
-        self._size -= 1
-        return 1
-
     # -- search ------------------------------------------------------------------------
-    def search(self, queries: npt.NDArray[np.float32],
-               n: int) -> list[list[tuple[int, float]]]:
-        """The n best (doc id, score) per query, best first."""
-        rows, scores = top_k(self._matrix[: self._size], normalize(queries), n)
-        ids = self._ids[: self._size]
-        return [[(int(ids[r]), float(s)) for r, s in zip(rr, ss, strict=True)]
-                for rr, ss in zip(rows, scores, strict=True)]
+    def search(self, queries: npt.NDArray[np.float32], n: int,
+               filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
+        """The n best (doc id, score) per query, best first (see ``VectorStore.search``)."""
+        return self.store.search(normalize(queries), n, filters)

@@ -1,0 +1,136 @@
+"""The vector store interface: where the resident embedding matrix lives and how it is searched.
+
+The index (``index.py``) keeps a store current from the change log; a store only holds rows
+and answers exact top-n.  ``NumpyStore`` is the CPU implementation; a GPU store (CuPy) sits
+behind the same protocol.  Rows are unit vectors, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .topk import select_top_k
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Per-query restriction: only rows scoring at most ``below`` (None: any), and never the
+    ids in ``exclude``.  This is how a later round of one paged search continues where the
+    previous one stopped."""
+
+    below: float | None = None
+    exclude: frozenset[int] = field(default_factory=frozenset)
+
+
+Hit = tuple[int, float]
+
+
+class VectorStore(Protocol):
+    """Document ids and unit embeddings, searched exactly."""
+
+    dim: int
+    device: str
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the resident matrix and ids take (capacity, not just the live rows)."""
+        ...
+
+    def replace_all(self, ids: IdArray, vectors: FloatArray) -> None: ...
+
+    def upsert(self, ids: IdArray, vectors: FloatArray) -> None: ...
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Remove these ids (unknown ones are ignored); returns how many were present."""
+        ...
+
+    def search(self, queries: FloatArray, n: int,
+               filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
+        """The best ``n`` (id, score) per unit-norm query, best first, ties by lower row."""
+        ...
+
+
+class NumpyStore:
+    """The CPU store: a float32 matrix in host memory, grown geometrically, swap-deleted."""
+
+    device = "cpu"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._ids: IdArray = np.empty(0, np.int64)
+        self._matrix: FloatArray = np.empty((0, dim), np.float32)
+        self._size = 0
+        self._row_of: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._matrix.nbytes + self._ids.nbytes)
+
+    def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
+        self._ids = np.array(ids, np.int64)
+        self._matrix = np.ascontiguousarray(vectors, np.float32)
+        self._size = len(ids)
+        self._row_of = {int(i): r for r, i in enumerate(self._ids)}
+
+    def upsert(self, ids: IdArray, vectors: FloatArray) -> None:
+        for doc_id, vector in zip(ids, vectors, strict=True):
+            row = self._row_of.get(int(doc_id))
+            if row is None:
+                if self._size == self._matrix.shape[0]:
+                    self._grow()
+                row = self._size
+                self._size += 1
+                self._row_of[int(doc_id)] = row
+                self._ids[row] = doc_id
+            self._matrix[row] = vector
+
+    def _grow(self) -> None:
+        extra = max(1024, self._size // 2)  # amortised O(1) per insert
+        self._matrix = np.concatenate([self._matrix, np.zeros((extra, self.dim), np.float32)])
+        self._ids = np.concatenate([self._ids, np.zeros(extra, np.int64)])
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Swap-remove: O(1) per row; row order does not matter to exact search."""
+        removed = 0
+        for doc_id in ids:
+            row = self._row_of.pop(int(doc_id), None)
+            if row is None:
+                continue
+            last = self._size - 1
+            if row != last:
+                moved = int(self._ids[last])
+                self._ids[row] = moved
+                self._matrix[row] = self._matrix[last]
+                self._row_of[moved] = row
+            self._size -= 1
+            removed += 1
+        return removed
+
+    def search(self, queries: FloatArray, n: int,
+               filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
+        live = self._matrix[: self._size]
+        scores = queries.astype(np.float32, copy=False) @ live.T  # (b, size)
+        for i, flt in enumerate(filters or ()):
+            if flt is None:
+                continue
+            if flt.below is not None:
+                scores[i, scores[i] > flt.below] = -np.inf
+            rows = [r for d in flt.exclude if (r := self._row_of.get(d)) is not None]
+            scores[i, rows] = -np.inf
+        rows_out, scores_out = select_top_k(scores, n)
+        ids = self._ids[: self._size]
+        return [[(int(ids[r]), float(s)) for r, s in zip(rr, ss, strict=True) if s != -np.inf]
+                for rr, ss in zip(rows_out, scores_out, strict=True)]

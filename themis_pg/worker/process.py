@@ -1,0 +1,154 @@
+"""``themis worker``: one long-lived process serving the job bus.
+
+Threads, each with its own connection:
+
+* the **listener** (main thread, listener.py) wakes the lanes on NOTIFY and flags cancels;
+* one **lane** per stage claims jobs with ``FOR UPDATE SKIP LOCKED`` and serves them: the
+  search lane (search_lane.py: embedding + exact top-k, in batches) and the generation lane
+  (generate_lane.py: admission into the generation engine);
+* the **housekeeper** (housekeeper.py) renews leases, re-queues jobs of lost workers, cancels
+  jobs whose caller went away and prunes old rows.
+
+Any number of workers may share one database.  SIGTERM/SIGINT: lanes stop after their
+current step, unfinished jobs go back to the queue, the worker row is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..bus.jobs import JobStore
+from ..bus.queries import query
+from ..config import Settings
+from ..embedding import Embedder
+from ..errors import ModelMismatch
+from ..generation.engine import GenerationEngine, SequentialEngine
+from ..generation.llama import LlamaGenerator
+from ..models.registry import get_model
+from ..pl.payloads import Limits
+from ..retrieval.index import EmbeddingIndex
+from .connections import connect
+from .generate_lane import GenerateLane
+from .housekeeper import Housekeeper
+from .lane import Lane
+from .listener import Listener
+from .registry import JobRegistry
+from .search_lane import SearchLane
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Loads the models and the index, then runs the lanes until told to stop."""
+
+    def __init__(self, settings: Settings, dsn: str,
+                 kinds: Sequence[str] = ("search", "embed", "generate")) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.kinds = list(kinds)
+        self.worker_id = settings.worker_identity()
+        self.stopping = threading.Event()
+        self.fatal = threading.Event()
+        self.registry = JobRegistry()
+        self._counts = {"done": 0, "failed": 0, "searches": 0, "search_batches": 0}
+        self._search_ms = 0.0
+        self._counts_lock = threading.Lock()
+        self.started = time.time()
+
+        with connect(dsn) as conn:
+            emb = get_model(conn, "embedding", settings.embedding_model or None)
+            gen = get_model(conn, "generation", settings.generation_model or None) \
+                if "generate" in self.kinds else None
+            self.limits = Limits.from_config(JobStore(conn, self.worker_id).config())
+        self.embedder = Embedder(emb.path, emb.name, n_threads=settings.n_threads)
+        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name)
+        self.engine: GenerationEngine | None = None
+        if gen is not None:
+            self.engine = SequentialEngine(LlamaGenerator(
+                gen.path, gen.name, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                n_gpu_layers=settings.n_gpu_layers))
+        log.info("worker %s: embedding model %s (dim %d), generation model %s",
+                 self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[what] += n
+
+    def count_search(self, queries: int, ms: float) -> None:
+        with self._counts_lock:
+            self._counts["searches"] += queries
+            self._counts["search_batches"] += 1
+            self._search_ms += ms
+
+    def stats(self) -> dict[str, Any]:
+        with self._counts_lock:
+            counts = dict(self._counts)
+            search_ms = self._search_ms
+        batches = counts.pop("search_batches")
+        searches = counts.pop("searches")
+        store = self.index.store
+        return {"jobs": counts, "index_size": len(self.index),
+                "index": {"device": store.device, "bytes": store.nbytes,
+                          "last_sync_ms": round(self.index.last_sync.ms, 3)},
+                "searches": {"queries": searches, "batches": batches,
+                             "mean_batch": round(searches / batches, 2) if batches else 0.0,
+                             "mean_ms": round(search_ms / batches, 3) if batches else 0.0},
+                "embedding_model": self.embedder.name,
+                "generation_model": self.engine.name if self.engine else None,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or ``stopping`` is set)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        searches = bool({"search", "embed"} & set(self.kinds))
+        with connect(self.dsn) as conn:
+            store = JobStore(conn, self.worker_id)
+            if searches:
+                # Registered with the watermark of the snapshot the index is about to load
+                # from, so that no other worker prunes changes this one will still need.
+                xmin = conn.execute(query("snapshot_state")).fetchone()[0]  # type: ignore[index]
+                store.register(self.kinds, self.stats(), int(xmin))
+                try:
+                    self.index.load(conn)
+                except ModelMismatch as exc:
+                    log.error("%s; search jobs will fail until this is fixed", exc.message)
+            else:
+                store.register(self.kinds, self.stats())
+        lanes: list[Lane] = []
+        if searches:
+            lanes.append(SearchLane(self))
+        if self.engine is not None:
+            lanes.append(GenerateLane(self, self.engine))
+        housekeeper = Housekeeper(self)
+        for thread in (*lanes, housekeeper):
+            thread.start()
+        log.info("worker %s ready (kinds: %s)", self.worker_id, ", ".join(self.kinds))
+        try:
+            Listener(self, lanes).run()
+        finally:
+            self.stopping.set()
+            for lane in lanes:
+                lane.wake.set()
+            for thread in (*lanes, housekeeper):
+                thread.join(timeout=30)
+            self._shutdown()
+        if self.fatal.is_set():
+            raise RuntimeError("a worker thread died; see the log above")
+
+    def _shutdown(self) -> None:
+        try:
+            with connect(self.dsn) as conn:
+                store = JobStore(conn, self.worker_id)
+                released = store.release()
+                store.deregister()
+            log.info("worker %s stopped (%d unfinished jobs re-queued)", self.worker_id,
+                     released)
+        except Exception as exc:
+            log.warning("could not deregister cleanly: %s", exc)

@@ -1,0 +1,153 @@
+"""The search lane: query embedding and exact top-k for many jobs at once.
+
+One step is two round trips in the steady state: the claim pipelined with the index delta
+(the delta statement runs after the claim, so it sees every document the callers committed
+before submitting: read-your-writes), then one statement that finishes the whole batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+
+from ..bus.jobs import Finished, Job, JobStore
+from ..errors import ModelMismatch
+from ..pl.payloads import CURSOR_SLACK, EmbedPayload, SearchPayload
+from ..retrieval.store import SearchFilter
+from .lane import Lane
+
+log = logging.getLogger(__name__)
+
+
+
+def encode_vector(vector: np.ndarray[Any, Any]) -> str:
+    """A float32 query vector as base64 (exact, and a quarter of its JSON text size)."""
+    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str, dim: int) -> np.ndarray[Any, Any]:
+    vector = np.frombuffer(base64.b64decode(text, validate=True), "<f4")
+    if vector.shape[0] != dim:
+        raise ValueError(f"vector has {vector.shape[0]} dimensions, the index {dim}")
+    return vector.astype(np.float32)
+
+
+class SearchLane(Lane):
+    kinds = ("search", "embed")
+
+    def on_connect(self, conn: psycopg.Connection[Any]) -> None:
+        register_vector(conn)  # embeddings arrive as NumPy arrays
+
+    def step(self) -> bool:
+        worker = self.worker
+        conn = self.db.get()
+        store = JobStore(conn, worker.worker_id)
+        index = worker.index
+        if index.watermark is None and "search" in self.kinds:
+            self._load_index(conn)
+        delta = index.delta_query() if "search" in self.kinds else None
+        with conn.pipeline():
+            claimed = conn.execute(*store.claim_statement(self.kinds, self.settings.search_batch,
+                                                          self.settings.lease))
+            changes = conn.execute(*delta) if delta is not None else None
+        jobs = store.jobs_from_rows(claimed.fetchall())
+        mismatch: ModelMismatch | None = None
+        if changes is not None:
+            try:
+                index.apply_delta(changes.fetchall(), conn, embed=worker.embedder.embed)
+            except ModelMismatch as exc:
+                mismatch = exc
+        if not jobs:
+            return False
+        ids = [j.id for j in jobs]
+        worker.registry.start(ids)
+        try:
+            self.serve(jobs, mismatch)
+        except psycopg.Error:
+            raise  # the caller decides: reconnect (jobs re-queued by lease) or back off
+        except Exception:
+            log.exception("%s crashed on jobs %s", self.name, ids)
+            for job in jobs:
+                self.fail(job, "internal error in the worker", "XX000")
+        finally:
+            worker.registry.end(ids)
+        return True
+
+    def _load_index(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            self.worker.index.load(conn)
+        except ModelMismatch as exc:
+            log.error("%s; search jobs will fail until this is fixed", exc.message)
+
+    def serve(self, jobs: list[Job], mismatch: ModelMismatch | None) -> None:
+        worker = self.worker
+        done: list[Finished] = []
+        searches: list[tuple[Job, SearchPayload]] = []
+        embeds: list[tuple[Job, EmbedPayload]] = []
+        for job, payload in self.parse_payloads(jobs):
+            if isinstance(payload, SearchPayload):
+                if mismatch is not None or worker.index.watermark is None:
+                    exc = mismatch or ModelMismatch("the worker's index could not be loaded")
+                    self.fail(job, exc.message, exc.sqlstate, exc.hint)
+                else:
+                    searches.append((job, payload))
+            elif isinstance(payload, EmbedPayload):
+                embeds.append((job, payload))
+        if searches:
+            done += self._search(searches)
+        if embeds:
+            vectors = worker.embedder.embed([p.text for _, p in embeds])
+            done += [Finished(job, {"embedding": [round(float(x), 7) for x in vector],
+                                    "model": worker.embedder.name, "dim": int(vector.shape[0])})
+                     for (job, _), vector in zip(embeds, vectors, strict=True)]
+        self.finish(done)
+
+    def _search(self, searches: list[tuple[Job, SearchPayload]]) -> list[Finished]:
+        """One embedding call for the queries that need one, one top-k for the batch."""
+        worker = self.worker
+        index = worker.index
+        dim = index.dim
+        t0 = time.perf_counter()
+        vectors = np.zeros((len(searches), dim), np.float32)
+        to_embed = [i for i, (_, p) in enumerate(searches) if p.vector_b64 is None]
+        usable: list[int] = []
+        for i, (job, payload) in enumerate(searches):
+            if payload.vector_b64 is not None:
+                try:
+                    vectors[i] = decode_vector(payload.vector_b64, dim)
+                except ValueError as exc:  # binascii.Error is a ValueError
+                    self.fail(job, f"bad search job: {exc}", "22023")
+                    continue
+            usable.append(i)
+        if to_embed:
+            vectors[to_embed] = worker.embedder.embed([searches[i][1].query for i in to_embed])
+        t1 = time.perf_counter()
+        filters = [None if (c := searches[i][1].cursor) is None else
+                   SearchFilter(below=c.score + CURSOR_SLACK, exclude=frozenset(c.exclude))
+                   for i in usable]
+        width = max((searches[i][1].n for i in usable), default=0)
+        hits = index.search(vectors[usable], width, filters) if usable else []
+        t2 = time.perf_counter()
+        embed_ms = (t1 - t0) * 1000 / max(len(to_embed), 1)
+        worker.count_search(len(usable), (t2 - t1) * 1000)
+        done = []
+        for i, found in zip(usable, hits, strict=True):
+            job, payload = searches[i]
+            found = found[: payload.n]
+            exhausted = len(found) < payload.n
+            result: dict[str, Any] = {
+                "candidates": [[doc_id, score] for doc_id, score in found],
+                "exhausted": exhausted, "model": worker.embedder.name,
+                "embed_ms": round(embed_ms if i in to_embed else 0.0, 3),
+                "search_ms": round((t2 - t1) * 1000, 3), "index_size": len(index),
+                "max_candidates": worker.limits.max_candidates}
+            if not exhausted:  # a later round of this call may need it: embed once per call
+                result["vector_b64"] = encode_vector(vectors[i])
+            done.append(Finished(job, result))
+        return done
