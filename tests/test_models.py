@@ -1,4 +1,5 @@
-"""Default models, the BERT to GGUF converter, the Embedder, and the pure parts of the registry.
+"""Default models, the BERT to GGUF converter, the Embedder, the registry, and the sha256 check
+before a registered model is loaded.
 
 The converted all-MiniLM-L6-v2 is checked against a NumPy forward pass of the original
 safetensors weights (tokenized by Hugging Face ``tokenizers``): if the vocabulary mapping,
@@ -21,22 +22,28 @@ from typing import Any, cast
 import gguf
 import numpy as np
 import numpy.typing as npt
+import psycopg
 import pytest
 from safetensors.numpy import load_file
 
 from themis_pg.embedding import Embedder
 from themis_pg.errors import InvalidInput, ModelNotFound
 from themis_pg.models import (
+    VERIFIED_CACHE_NAME,
     LocalModel,
+    ModelRecord,
     convert_sentence_transformer,
     ensure_default_models,
     ensure_embedding_source,
+    get_model,
     is_gguf,
     register_model,
     sha256_file,
     verify_model_file,
+    verify_registered_model,
 )
 from themis_pg.models import fetch as fetch_mod
+from themis_pg.models import verify as verify_mod
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -404,3 +411,181 @@ def test_register_model_validates_before_touching_the_database(
         register_model(no_conn, "m", "embedding", not_gguf)
     with pytest.raises(ModelNotFound, match="corrupt"):
         register_model(no_conn, "m", "embedding", embedding_model.path, sha256="0" * 64)
+
+
+# ---- the sha256 check before a registered model is loaded ------------------------------------
+
+
+class HashCounter:
+    """Wraps the hash function the check uses, counting the files it reads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: list[Path] = []
+        real = fetch_mod.sha256_file
+
+        def counting(path: Path, *args: Any, **kwargs: Any) -> str:
+            self.paths.append(path)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(verify_mod, "sha256_file", counting)
+
+    @property
+    def calls(self) -> int:
+        return len(self.paths)
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> HashCounter:
+    return HashCounter(monkeypatch)
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files the test has just written count as settled (see verify._SETTLE_S)."""
+    monkeypatch.setattr(verify_mod, "_SETTLE_S", 0.0)
+
+
+@pytest.fixture
+def model_copy(embedding_model: LocalModel, tmp_path: Path) -> ModelRecord:
+    """A copy of the embedding GGUF, as a record with its registered digest."""
+    path = tmp_path / "models" / "minilm-copy.gguf"
+    path.parent.mkdir()
+    shutil.copyfile(embedding_model.path, path)
+    return ModelRecord("minilm-copy", "embedding", path, embedding_model.sha256,
+                       dict(embedding_model.params))
+
+
+def _flip_byte_in_place(path: Path, offset: int) -> None:
+    """Change one byte, keeping the size, the inode and (as cp -p or rsync -t would) mtime."""
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (
+        st.st_size, st.st_ino, st.st_mtime_ns)
+
+
+def test_registered_model_is_verified_then_remembered(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter, settled: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger=verify_mod.__name__):
+        assert verify_registered_model(model_copy, cache_dir=cache) == model_copy.path
+    assert hashes.paths == [model_copy.path]
+    assert "verifying sha256" in caplog.text and "minilm-copy" in caplog.text
+    assert (cache / VERIFIED_CACHE_NAME).is_file()
+    for _ in range(3):  # unchanged: answered from the cache, the file is not read
+        assert verify_registered_model(model_copy, cache_dir=cache) == model_copy.path
+    assert hashes.calls == 1
+    with Embedder(model_copy.path, model_copy.name) as loaded:
+        assert loaded.embed(["it loads"]).shape == (1, 384)
+
+
+def test_changed_file_is_refused_even_with_mtime_restored(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter, settled: None
+) -> None:
+    cache = tmp_path / "cache"
+    verify_registered_model(model_copy, cache_dir=cache)
+    _flip_byte_in_place(model_copy.path, model_copy.path.stat().st_size // 2)
+    with pytest.raises(ModelNotFound) as refused:
+        verify_registered_model(model_copy, cache_dir=cache)
+    err = refused.value
+    actual = sha256_file(model_copy.path)
+    assert err.sqlstate == "58P01"
+    for part in ("minilm-copy", str(model_copy.path), actual, str(model_copy.sha256)):
+        assert part in err.message
+    assert err.hint and "register" in err.hint
+    assert hashes.calls == 2  # the ctime changed, so the cache did not answer
+    with pytest.raises(ModelNotFound):  # a refusal is never remembered
+        verify_registered_model(model_copy, cache_dir=cache)
+    assert hashes.calls == 3
+
+
+def test_replaced_or_re_registered_file_is_hashed_again(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter, settled: None
+) -> None:
+    cache = tmp_path / "cache"
+    verify_registered_model(model_copy, cache_dir=cache)
+    replacement = model_copy.path.with_name("replacement.gguf")
+    shutil.copy2(model_copy.path, replacement)  # same bytes, same mtime, another inode
+    os.replace(replacement, model_copy.path)
+    verify_registered_model(model_copy, cache_dir=cache)
+    assert hashes.calls == 2
+    other_digest = ModelRecord(model_copy.name, model_copy.kind, model_copy.path, "0" * 64)
+    with pytest.raises(ModelNotFound, match="0" * 64):
+        verify_registered_model(other_digest, cache_dir=cache)
+    assert hashes.calls == 3
+
+
+def test_recently_changed_file_is_not_remembered(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter
+) -> None:
+    cache = tmp_path / "cache"  # model_copy was written just now, within _SETTLE_S
+    verify_registered_model(model_copy, cache_dir=cache)
+    verify_registered_model(model_copy, cache_dir=cache)
+    assert hashes.calls == 2
+    assert not (cache / VERIFIED_CACHE_NAME).exists()
+
+
+def test_missing_file_names_the_model_path_and_digest(tmp_path: Path, hashes: HashCounter) -> None:
+    record = ModelRecord("gone", "generation", tmp_path / "gone.gguf", "ab" * 32)
+    with pytest.raises(ModelNotFound) as missing:
+        verify_registered_model(record, cache_dir=tmp_path)
+    for part in ("'gone'", str(record.path), "ab" * 32, "does not exist"):
+        assert part in missing.value.message
+    assert missing.value.hint and "themis models" in missing.value.hint
+    directory = ModelRecord("dir", "generation", tmp_path, "ab" * 32)
+    with pytest.raises(ModelNotFound, match="not a regular file"):
+        verify_registered_model(directory, cache_dir=tmp_path)
+    assert hashes.calls == 0
+
+
+def test_row_without_digest_loads_unchecked_with_a_warning(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unhashed = ModelRecord(model_copy.name, model_copy.kind, model_copy.path, None)
+    assert verify_registered_model(unhashed, cache_dir=tmp_path) == model_copy.path
+    assert "no sha256" in caplog.text and hashes.calls == 0
+    malformed = ModelRecord(model_copy.name, model_copy.kind, model_copy.path, "abc")
+    with pytest.raises(ModelNotFound, match="64 hex"):
+        verify_registered_model(malformed, cache_dir=tmp_path)
+
+
+def test_unusable_cache_costs_a_rehash_not_a_failure(
+    model_copy: ModelRecord, tmp_path: Path, hashes: HashCounter, settled: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    for _ in range(2):  # the cache cannot be created under a regular file
+        verify_registered_model(model_copy, cache_dir=blocker / "cache")
+    assert hashes.calls == 2 and "cannot record" in caplog.text
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / VERIFIED_CACHE_NAME).write_text("{not json")
+    verify_registered_model(model_copy, cache_dir=cache)  # a corrupt cache is ignored...
+    verify_registered_model(model_copy, cache_dir=cache)  # ...and rewritten
+    assert hashes.calls == 3
+    assert json.loads((cache / VERIFIED_CACHE_NAME).read_text())["version"] == 1
+
+
+def test_registered_then_changed_model_is_refused(
+    migrated_db: str, model_copy: ModelRecord, tmp_path: Path, settled: None
+) -> None:
+    """Through the registry: register, look it up as the worker does, verify, alter."""
+    cache = tmp_path / "cache"
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        register_model(conn, "minilm-copy", "embedding", model_copy.path,
+                       params=model_copy.params)
+        record = get_model(conn, "embedding", "minilm-copy")
+    assert record.sha256 == model_copy.sha256
+    assert verify_registered_model(record, cache_dir=cache) == model_copy.path
+    _flip_byte_in_place(model_copy.path, 4096)
+    with pytest.raises(ModelNotFound, match="changed or replaced"):
+        verify_registered_model(record, cache_dir=cache)

