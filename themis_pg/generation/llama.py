@@ -1,9 +1,16 @@
 """Text generation with llama.cpp (llama-cpp-python), GGUF models memory-mapped.
 
-One ``LlamaGenerator`` serves one request at a time through the model's own chat template
-(read from the GGUF metadata).  Tokens are streamed so that a cancelled request stops within
-one token.  Continuous batching across requests will replace the inner loop behind the same
-``generate`` signature.
+One ``LlamaGenerator`` serves one request at a time.  The messages are rendered with the
+model's own chat template (``tokenizer.chat_template`` in the GGUF metadata, through the
+formatter llama-cpp-python builds from it; a GGUF without one gets llama-cpp-python's fallback,
+the llama-2 format), tokenized as ``create_chat_completion`` tokenizes them, and completed with
+``create_completion``, because only that call takes a stopping criterion.  The criterion
+(:class:`_TokenMeter`) runs once per sampled token: it polls ``should_stop``, so a cancelled
+request stops within one token.  The usage counts are llama-cpp-python's own:
+``prompt_tokens`` is the number of prompt tokens evaluated, ``completion_tokens`` the number
+of generated tokens in the answer (the end-of-generation token is not one of them).
+Continuous batching across requests will replace the inner loop behind the same ``generate``
+signature.
 """
 
 from __future__ import annotations
@@ -13,10 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInput, ModelNotFound
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ContextOverflow, InvalidInput, ModelNotFound
 from .prompt import BuiltPrompt, build_rag_prompt, build_raw_prompt, contexts_from_payload
+
+if TYPE_CHECKING:
+    from llama_cpp import StoppingCriteria
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +38,9 @@ REPEAT_PENALTY = 1.1
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """One answer.  ``prompt_tokens`` and ``completion_tokens`` are llama.cpp's counts;
+    ``stopped`` means ``should_stop`` ended the generation (the answer is incomplete)."""
+
     answer: str
     model: str
     prompt_tokens: int
@@ -40,6 +56,62 @@ class GenerationResult:
                 "generate_ms": round(self.generate_ms, 3)}
 
 
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """Messages as llama.cpp sees them: the prompt tokens, and the chat template's stop
+    strings and stopping criterion (if any)."""
+
+    tokens: list[int]
+    stop: list[str]
+    stopping_criteria: StoppingCriteria | None
+
+
+class _TokenMeter:
+    """A llama-cpp-python stopping criterion: polls ``should_stop`` once per sampled token and
+    keeps the answer within ``max_tokens``.
+
+    What llama-cpp-python 0.3.36 does with it (``Llama.generate``, ``_create_completion``):
+    after sampling token k (k = 1, 2, ...) and before yielding it, it calls the criterion with
+    the evaluated tokens, the prompt plus tokens 1..k-1; True drops token k and ends the
+    generation.  Once generation has ended, for whatever reason, it calls it once more with
+    the same tokens as the last call; True there sets the completion text to the tokens kept
+    (without it, a generation ended by a criterion would return no text), and would undo the
+    cut at a stop string.  So that call returns what the last one did, without polling: a
+    cancel that arrives after the last token does not discard a finished answer.
+
+    ``max_tokens``: llama-cpp-python checks its own limit only after a token that completes a
+    UTF-8 character, so without this check a multi-byte character cut by the limit would
+    overrun it.
+    """
+
+    def __init__(self, max_tokens: int, should_stop: Callable[[], bool],
+                 chained: StoppingCriteria | None = None) -> None:
+        self.max_tokens = max_tokens
+        self.should_stop = should_stop
+        self.chained = chained  # the chat template's own criterion, if it has one
+        self.prompt_tokens: int | None = None  # context length when token 1 was sampled
+        self.sampled = 0  # tokens sampled so far, including one that was dropped
+        self.cancelled = False
+        self.halted = False
+        self._last_len = -1
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
+        n = len(input_ids)
+        if n == self._last_len:  # the call after generation ended
+            return self.halted
+        self._last_len = n
+        if self.prompt_tokens is None:
+            self.prompt_tokens = n
+        self.sampled = n - self.prompt_tokens + 1
+        if self.sampled > self.max_tokens:
+            self.halted = True
+        elif self.should_stop():
+            self.halted = self.cancelled = True
+        elif self.chained is not None and self.chained(input_ids, logits):
+            self.halted = True
+        return self.halted
+
+
 class LlamaGenerator:
     """A loaded generation model and the prompt logic around it."""
 
@@ -49,12 +121,28 @@ class LlamaGenerator:
             raise ModelNotFound(f"generation model file {path} does not exist",
                                 hint="Run `themis models fetch` or register another GGUF.")
         from llama_cpp import Llama  # heavy: imported only where a model is loaded
+        from llama_cpp import llama_chat_format as chat_format
 
         self.name = name
         self.seed = seed
         self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
                           n_gpu_layers=n_gpu_layers, seed=seed, verbose=False)
         self.n_ctx = self._llm.n_ctx()
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        self._format: chat_format.ChatFormatter
+        if template:
+            # The formatter Llama.__init__ builds from the same metadata (token texts included).
+            eos_id, bos_id = self._llm.token_eos(), self._llm.token_bos()
+            vocab = self._llm._model
+            self._format = chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=vocab.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=vocab.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id])
+        else:
+            log.warning("%s has no chat template in its GGUF metadata; using the llama-2 "
+                        "format, as llama-cpp-python does", path)
+            self._format = chat_format.format_llama2
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -78,38 +166,56 @@ class LlamaGenerator:
                                     max_tokens=max_tokens, count_tokens=self.count_tokens)
         raise InvalidInput(f"unknown generation mode {mode!r}")
 
+    def render(self, messages: list[dict[str, str]]) -> RenderedPrompt:
+        """``messages`` through the chat template, tokenized as ``create_chat_completion``
+        tokenizes them: the exact tokens llama.cpp evaluates."""
+        rendered = self._format(messages=messages)  # type: ignore[arg-type]
+        tokens = self._llm.tokenize(rendered.prompt.encode("utf-8"),
+                                    add_bos=not rendered.added_special, special=True)
+        stop = rendered.stop
+        return RenderedPrompt(tokens=tokens,
+                              stop=[stop] if isinstance(stop, str) else list(stop or []),
+                              stopping_criteria=rendered.stopping_criteria)
+
     def generate(self, payload: dict[str, Any],
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
-        """Answer one request; ``should_stop`` is polled between tokens."""
+        """Answer one request; ``should_stop`` is polled once per sampled token.
+
+        Raises :class:`ContextOverflow` when the prompt and ``max_tokens`` do not fit the
+        context window: first by :meth:`build_prompt`'s estimate, then by the exact count of
+        the rendered tokens (llama-cpp-python would otherwise lower ``max_tokens`` quietly).
+        """
+        from llama_cpp import StoppingCriteriaList
+
         started = time.perf_counter()
         prompt = self.build_prompt(payload)
-        pieces: list[str] = []
-        completion_tokens = 0
-        stopped = False
+        max_tokens = int(payload["max_tokens"])
+        rendered = self.render(prompt.messages)
+        if len(rendered.tokens) + max_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(rendered.tokens)} tokens; with max_tokens {max_tokens} it "
+                f"exceeds the model's context window of {self.n_ctx} tokens",
+                hint="Shorten the prompt or lower max_tokens.")
+        meter = _TokenMeter(max_tokens, should_stop, rendered.stopping_criteria)
         # Evaluate every prompt from scratch: reusing the previous prompt's KV cache changes
         # the batch split, hence float rounding, hence greedy outputs.  Same input, same answer.
         self._llm.reset()  # type: ignore[no-untyped-call]
-        stream = self._llm.create_chat_completion(
-            messages=prompt.messages,  # type: ignore[arg-type]
-            max_tokens=int(payload["max_tokens"]),
+        completion = self._llm.create_completion(
+            prompt=rendered.tokens,
+            max_tokens=max_tokens,
             temperature=float(payload.get("temperature", 0.0)),
             seed=int(payload.get("seed", self.seed)),
             # Small models loop on the same sentence without it (1.1 measured best on the
             # sample corpus; 1.0 repeats, 1.2+ drifts from the sources).
             repeat_penalty=REPEAT_PENALTY,
-            stream=True,
+            stop=rendered.stop,
+            stopping_criteria=StoppingCriteriaList([meter]),
+            stream=False,
         )
-        for chunk in stream:
-            delta = chunk["choices"][0]["delta"]  # type: ignore[index]
-            text = delta.get("content")  # type: ignore[union-attr]
-            if isinstance(text, str) and text:
-                pieces.append(text)
-                completion_tokens += 1
-            if should_stop():
-                stopped = True
-                break
+        assert isinstance(completion, dict), "create_completion(stream=False) returns a dict"
+        usage = completion["usage"]
         return GenerationResult(
-            answer="".join(pieces).strip(), model=self.name,
-            prompt_tokens=prompt.prompt_tokens, completion_tokens=completion_tokens,
+            answer=completion["choices"][0]["text"].strip(), model=self.name,
+            prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
             contexts_used=prompt.contexts_used,
-            generate_ms=(time.perf_counter() - started) * 1000, stopped=stopped)
+            generate_ms=(time.perf_counter() - started) * 1000, stopped=meter.cancelled)

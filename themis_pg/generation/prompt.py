@@ -44,6 +44,9 @@ class Context:
 
 @dataclass(frozen=True)
 class BuiltPrompt:
+    """The messages, and the budget's estimate of their tokens (``TEMPLATE_OVERHEAD`` stands
+    for the chat template); the exact count comes from llama.cpp when it evaluates them."""
+
     messages: list[dict[str, str]]
     prompt_tokens: int
     contexts_used: int
