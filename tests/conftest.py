@@ -287,17 +287,21 @@ def rag_db(server: Server, templates: dict[str, str],
 
 @pytest.fixture
 def user_role(server: Server) -> Iterator[Callable[[str, str], str]]:
-    """Create LOGIN roles (members of themis_user unless told otherwise) and get their DSN."""
+    """Create LOGIN roles (members of themis_user unless told otherwise), each with a random
+    password, and get their DSN (which carries the password)."""
     made: list[str] = []
 
     def make(dsn: str, name: str | None = None, member_of: str = "themis_user") -> str:
         role = name or f"r_{uuid.uuid4().hex[:8]}"
+        # Roles other than postgres and themis_bus log in with a scram password (pg_hba.conf
+        # of the embedded cluster); uuid4 is random (os.urandom) and needs no quoting.
+        password = uuid.uuid4().hex
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(f"CREATE ROLE \"{role}\" WITH LOGIN PASSWORD '{password}'")
             if member_of:
                 conn.execute(f'GRANT {member_of} TO "{role}"')
         made.append(role)
-        return make_conninfo(dsn, user=role)
+        return make_conninfo(dsn, user=role, password=password)
 
     yield make
 

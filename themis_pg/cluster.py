@@ -15,6 +15,14 @@ unprivileged OS user (``postgres`` if it exists, else a system user ``themis`` c
 demand) and the state directories belong to that user.  Otherwise everything runs as the
 current user.  Every method is idempotent: ``init()`` on an initialised cluster, ``start()`` on
 a running one and ``stop()`` on a stopped one do nothing.
+
+Who may connect (``pg_hba.conf`` and ``pg_ident.conf``, rewritten by every ``start()``, see
+``auth_files``): over the unix socket, peer authentication with the ident map ``themis`` lets
+the OS user running themis (the CLI, the worker, the tests; ``root`` in CI) in as the superuser
+``postgres``, and the server's own OS user in as ``themis_bus`` (the SQL functions connect back
+through the socket for their bus connection).  Every other role, and every connection over TCP
+(only when ``listen_addresses`` is set), needs its scram-sha-256 password.  No other OS user
+gets in as ``postgres`` or ``themis_bus``.
 """
 
 from __future__ import annotations
@@ -46,8 +54,15 @@ log = logging.getLogger(__name__)
 
 #: OS users that may run the server when we are root, in order; the last is created if needed.
 SERVER_OS_USERS = ("postgres", "themis")
-#: Database superuser that initdb creates; local (unix socket) connections are trusted.
+#: Database superuser that initdb creates; reached over the socket by peer authentication.
 SUPERUSER = "postgres"
+#: The role of the SQL functions' autonomous (bus) connection (sql/schema_0001.sql).
+BUS_ROLE = "themis_bus"
+#: The pg_ident.conf map that peer authentication uses for SUPERUSER and BUS_ROLE.
+IDENT_MAP = "themis"
+#: Authentication files in PGDATA, rewritten by every start() (see auth_files).
+HBA_FILE = "pg_hba.conf"
+IDENT_FILE = "pg_ident.conf"
 #: Included from postgresql.conf and rewritten by every start(); ALTER SYSTEM still wins.
 CONF_FILE = "themis.conf"
 PL_PACKAGE = "themis_pl"
@@ -84,6 +99,17 @@ class _OsUser:
     home: str
 
 
+def _current_os_user_name() -> str:
+    """The OS user name peer authentication sees for this process (its effective uid)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError as exc:
+        raise ClusterError(
+            f"uid {os.geteuid()} has no entry in the user database; peer authentication "
+            "(and initdb) need one"
+        ) from exc
+
+
 def find_bin_dir() -> Path:
     """PostgreSQL's server bin directory: ``pg_config --bindir``, else the newest
     ``/usr/lib/postgresql/<major>/bin``.  Raises ClusterError naming setup.sh when none has
@@ -113,6 +139,65 @@ def find_bin_dir() -> Path:
     raise ClusterError("PostgreSQL server binaries (initdb, pg_ctl) not found", hint=_SETUP_HINT)
 
 
+def _auth_token(name: str) -> str:
+    """An OS user name as a pg_hba/pg_ident token: bare when plain, else double-quoted."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        return name
+    if any(c in name for c in '"\r\n\0') or name.startswith("/"):
+        raise ClusterError(f"OS user name {name!r} cannot be written to {IDENT_FILE}")
+    return f'"{name}"'
+
+
+def auth_files(caller_os_user: str, server_os_user: str) -> dict[str, str]:
+    """The text of ``pg_hba.conf`` and ``pg_ident.conf`` (keyed by file name) for a cluster
+    whose clients (CLI, worker, tests) run as ``caller_os_user`` and whose server runs as
+    ``server_os_user`` (the same user unless themis runs as root).
+
+    PostgreSQL 15's pg_ident.conf cannot wildcard the database-user column, so the map names
+    exactly the two password-less roles; every other role logs in with its password."""
+    caller, server = _auth_token(caller_os_user), _auth_token(server_os_user)
+    header = (
+        "# Written by themis on every start of the embedded cluster "
+        "(themis_pg/cluster.py); edits are lost.\n"
+    )
+    hba = f"""{header}\
+# The first line whose type, database and user match decides; a failed authentication does
+# not fall through to later lines.
+# TYPE  DATABASE  USER        ADDRESS  METHOD
+
+# The superuser, over the unix socket, only for the OS user(s) that map {IDENT_MAP} gives it
+# ({caller}: the CLI, the worker and the tests connect this way, without a password).
+local   all       {SUPERUSER}             peer map={IDENT_MAP}
+# The SQL functions' bus connection: opened by server backends (OS user {server}) through the
+# socket, without a password; map {IDENT_MAP} gives {BUS_ROLE} to that OS user only.
+local   all       {BUS_ROLE}           peer map={IDENT_MAP}
+# Every other role (applications, test roles), over the socket: its scram password.
+local   all       all                  scram-sha-256
+# TCP (only where listen_addresses enables it): a scram password for every role; {SUPERUSER}
+# and {BUS_ROLE} have none, so they cannot log in this way unless someone gives them one.
+host    all       all         all      scram-sha-256
+# No replication line: "all" does not match replication connections, so none are accepted.
+"""
+    ident = header + "# MAPNAME  SYSTEM-USERNAME  PG-USERNAME\n\n"
+    if caller == server:
+        ident += f"""\
+# {caller} runs both themis (CLI, worker, tests) and the server: the superuser for the
+# former, the bus role for the SQL functions' connection back through the socket.
+{IDENT_MAP}     {caller}  {SUPERUSER}
+{IDENT_MAP}     {caller}  {BUS_ROLE}
+"""
+    else:
+        ident += f"""\
+# {caller} runs themis (CLI, worker, tests): the superuser.
+{IDENT_MAP}     {caller}  {SUPERUSER}
+# {server} runs the server: its backends open the SQL functions' bus connection as
+# {BUS_ROLE}.  Not {SUPERUSER}: whatever can run code as this OS user inside the server
+# (COPY ... TO PROGRAM for pg_execute_server_program members) must not become superuser.
+{IDENT_MAP}     {server}  {BUS_ROLE}
+"""
+    return {HBA_FILE: hba, IDENT_FILE: ident}
+
+
 def _conf_literal(value: str | int) -> str:
     """A postgresql.conf value: integers bare, strings single-quoted with quotes doubled."""
     if isinstance(value, int):
@@ -124,8 +209,9 @@ class EmbeddedCluster:
     """A local PostgreSQL cluster under ``home`` (see the module docstring for the layout).
 
     ``port`` names the unix socket (``.s.PGSQL.<port>``) and, when ``listen_addresses`` is not
-    empty, the TCP port.  Local socket connections are trusted; TCP ones need a password
-    (scram-sha-256), which the superuser does not have until someone sets one.
+    empty, the TCP port.  Over the socket the current OS user gets in as the superuser by peer
+    authentication (see ``auth_files``); other roles and TCP connections need a scram-sha-256
+    password, which the superuser does not have until someone sets one.
     """
 
     def __init__(
@@ -229,7 +315,9 @@ class EmbeddedCluster:
                 "--username", SUPERUSER,
                 "--encoding", "UTF8",
                 "--locale", "C.UTF-8",
-                "--auth-local", "trust",
+                # Nothing password-less from the first moment; start() replaces these files
+                # with the managed ones (auth_files) before the server first runs anyway.
+                "--auth-local", "peer",
                 "--auth-host", "scram-sha-256",
             ],
             user,
@@ -240,18 +328,24 @@ class EmbeddedCluster:
         return True
 
     def start(self, wait: bool = True) -> bool:
-        """Initialise if needed, refresh ``themis_pl`` and start the server unless it runs.
+        """Initialise if needed, refresh ``themis_pl`` and the authentication files, and start
+        the server unless it runs (a running one reloads if the authentication files changed).
 
         Returns True when this call started it.  With ``wait`` the call returns once the server
         accepts connections; a failed start raises ClusterError with the server log's tail.
         """
         self.init()
         self.install_pl_package()
+        user = self._os_user()
+        # On every start, running or not: a cluster initialised by an older themis (trust on
+        # the socket) is locked down by its next `themis db up`, without a restart.
+        auth_changed = self._write_auth_files(user)
         pid = self._postmaster_pid()
         if pid is not None:
             log.debug("cluster at %s already running (pid %s)", self.data_dir, pid)
+            if auth_changed:
+                self.reload()
             return False
-        user = self._os_user()
         self._write_conf(user)
         log.info(
             "starting PostgreSQL (%s, port %s, log %s)", self.data_dir, self.port, self.log_file
@@ -274,6 +368,19 @@ class EmbeddedCluster:
                 f"{exc.message}\n--- last lines of {self.log_file} ---\n{self.log_tail()}",
                 hint=exc.hint,
             ) from exc
+        return True
+
+    def reload(self) -> bool:
+        """Make the running server re-read its configuration files (pg_ctl reload, SIGHUP:
+        pg_hba.conf and pg_ident.conf apply to the next connection).  False if not running."""
+        if self._postmaster_pid() is None:
+            return False
+        log.info("reloading the configuration of PostgreSQL at %s", self.data_dir)
+        self._run(
+            [str(self.bin_dir / "pg_ctl"), "reload", "-D", str(self.data_dir), "-s"],
+            self._os_user(),
+            what="pg_ctl reload",
+        )
         return True
 
     def stop(self, mode: str = "fast") -> bool:
@@ -409,7 +516,11 @@ class EmbeddedCluster:
         if user is not None:
             self._check_traversable(user)
         self._make_dir(self.home, 0o755, user)
-        self._make_dir(self.socket_dir, 0o755, user)  # other local users may connect
+        # 0755: the socket is no door of its own, pg_hba.conf decides who gets in (peer for
+        # postgres and themis_bus, a scram password for every other role).  Other local users
+        # with a role and its password may then connect over the socket; 0700 would only
+        # force them onto TCP, which is off by default.
+        self._make_dir(self.socket_dir, 0o755, user)
         self._make_dir(self.log_dir, 0o750, user)
         self._make_dir(self.pylib_dir, 0o755, user)
         if not self.data_dir.exists():
@@ -460,6 +571,31 @@ class EmbeddedCluster:
         if user is not None:
             os.chown(tmp, user.uid, user.gid)
         tmp.replace(path)
+
+    def _write_auth_files(self, user: _OsUser | None) -> bool:
+        """Rewrite pg_hba.conf and pg_ident.conf (``auth_files``) atomically, owned by the
+        server's OS user, mode 0600.  Returns True when either file's text changed."""
+        caller = _current_os_user_name()
+        server = user.name if user is not None else caller
+        changed = False
+        for name, text in auth_files(caller, server).items():
+            path = self.data_dir / name
+            try:
+                changed |= path.read_text(encoding="utf-8") != text
+            except FileNotFoundError:
+                changed = True
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+                os.fchmod(out.fileno(), 0o600)  # whatever the umask
+                if user is not None:
+                    os.fchown(out.fileno(), user.uid, user.gid)
+            tmp.replace(path)
+        if changed:
+            log.info("wrote %s and %s in %s", HBA_FILE, IDENT_FILE, self.data_dir)
+        return changed
 
     def _server_env(self, user: _OsUser | None) -> dict[str, str]:
         """Environment for initdb/pg_ctl/postgres: no libpq PG* variables or foreign Python
