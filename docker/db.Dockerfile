@@ -28,11 +28,27 @@ COPY themis_pg/pl /usr/local/lib/python3.11/dist-packages/themis_pl
 # Fail the build, not the first query, if the server's Python cannot import what it needs.
 RUN python3 -c "import psycopg, themis_pl; print('themis_pl API', themis_pl.API_VERSION)"
 
+# Who may connect (docker/pg_hba.conf, docker/pg_ident.conf): over the unix socket, peer
+# authentication maps OS user postgres to the roles postgres and themis_bus (the SQL functions
+# connect back to this server through its socket as themis_bus); every other role, and every
+# TCP connection, needs its scram-sha-256 password (postgres: POSTGRES_PASSWORD).
+# The files live outside PGDATA and the server is pointed at them with -c hba_file/ident_file
+# (CMD below, and docker-compose.yml's command): the pg_hba.conf the entrypoint writes into
+# PGDATA at initdb time is never read, neither on a fresh volume nor on one initialised by an
+# earlier image.  Owned by root, read-only to the server: code that runs as OS user postgres
+# (COPY ... TO PROGRAM) cannot loosen them.
+COPY docker/pg_hba.conf docker/pg_ident.conf /etc/themis/
+RUN chmod 0755 /etc/themis && chmod 0644 /etc/themis/pg_hba.conf /etc/themis/pg_ident.conf
+# initdb's own rules (in PGDATA, used only if the server runs without the -c flags above):
+# peer on the socket, scram over TCP, nothing password-less.
+ENV POSTGRES_INITDB_ARGS="--auth-local=peer --auth-host=scram-sha-256"
+
 # Server settings themis depends on (docker-compose.yml repeats them where they are tuned):
+# - hba_file, ident_file: the authentication rules above;
 # - client_connection_check_interval: a PL/Python call whose client disconnected is noticed
 #   only through this check, and only if it is in force when the statement starts;
 # - max_connections: every calling session holds a second (bus) connection while it waits,
 #   so allow about 2 x clients + workers.
-# Local (unix socket) connections stay trusted, as the official image sets them up: the SQL
-# functions connect back to this server as role themis_bus through its socket.
-CMD ["postgres", "-c", "client_connection_check_interval=1s", "-c", "max_connections=300"]
+CMD ["postgres", \
+     "-c", "hba_file=/etc/themis/pg_hba.conf", "-c", "ident_file=/etc/themis/pg_ident.conf", \
+     "-c", "client_connection_check_interval=1s", "-c", "max_connections=300"]

@@ -3,6 +3,7 @@ Dockerfiles' inputs, and (where the compose CLI exists) `docker compose config`.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -13,8 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
+from themis_pg.cluster import auth_files
+
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
+AUTH_DIR = "/etc/themis"  # where the db image keeps pg_hba.conf and pg_ident.conf
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,21 @@ def _copy_sources(dockerfile: Path) -> list[str]:
             continue
         sources += [w for w in words if not w.startswith("--")][:-1]
     return sources
+
+
+def _dockerfile_cmd(dockerfile: Path) -> list[str]:
+    """The exec-form CMD of a Dockerfile (continuation lines joined)."""
+    joined = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    cmd = re.search(r"^CMD (\[.*\])\s*$", joined, re.M)
+    assert cmd, f"{dockerfile} has no exec-form CMD"
+    words = json.loads(cmd.group(1))
+    assert isinstance(words, list)
+    return [str(w) for w in words]
+
+
+def _rules(text: str) -> list[list[str]]:
+    """The non-comment lines of a pg_hba.conf / pg_ident.conf, split into fields."""
+    return [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
 
 
 def _command_text(service: dict[str, Any]) -> str:
@@ -88,6 +107,60 @@ def test_db_settings_and_storage(compose: dict[str, Any], services: dict[str, An
     volume = db["volumes"][0].split(":")
     assert volume[1] == "/var/lib/postgresql/data" and volume[0] in compose["volumes"]
     assert all(str(p).startswith("127.0.0.1:") for p in db.get("ports", []))
+
+
+def test_nothing_is_trusted(services: dict[str, Any]):
+    """No password-less method anywhere in the stack (issue #6): peer + scram only."""
+    paths = [COMPOSE_FILE, REPO / ".dockerignore", *sorted((REPO / "docker").iterdir())]
+    for path in paths:
+        assert not re.search(r"\btrust\b", path.read_text(), re.I), f"{path} mentions trust"
+    db_env = services["db"]["environment"]
+    assert "POSTGRES_HOST_AUTH_METHOD" not in db_env
+    assert "POSTGRES_INITDB_ARGS" not in db_env  # the image's peer/scram initdb arguments hold
+
+
+def test_db_auth_files_are_the_embedded_clusters_rules_for_os_user_postgres():
+    """Over the socket OS user postgres (server and admin in the container) gets exactly the
+    roles postgres and themis_bus by peer; every other role and all TCP need scram."""
+    expected = auth_files("postgres", "postgres")
+    for name in ("pg_hba.conf", "pg_ident.conf"):
+        assert _rules((REPO / "docker" / name).read_text()) == _rules(expected[name]), name
+    hba = _rules((REPO / "docker" / "pg_hba.conf").read_text())
+    assert [r for r in hba if r[0] == "local" and r[-1] == "map=themis"] == [
+        ["local", "all", "postgres", "peer", "map=themis"],
+        ["local", "all", "themis_bus", "peer", "map=themis"],
+    ]
+    assert hba[-1] == ["host", "all", "all", "all", "scram-sha-256"]
+    assert _rules((REPO / "docker" / "pg_ident.conf").read_text()) == [
+        ["themis", "postgres", "postgres"],
+        ["themis", "postgres", "themis_bus"],
+    ]
+
+
+def test_db_server_reads_the_image_auth_files(services: dict[str, Any]):
+    """hba_file/ident_file on the command line (image CMD and compose command alike) name the
+    files the image copies in, so the pg_hba.conf the entrypoint writes into PGDATA (on a new
+    volume, or one from an earlier image) is never read."""
+    dockerfile = _dockerfile(services["db"])
+    text = dockerfile.read_text()
+    copy = re.search(r"^COPY docker/pg_hba\.conf docker/pg_ident\.conf (\S+)$", text, re.M)
+    assert copy and copy.group(1).rstrip("/") == AUTH_DIR
+    flags = {f"hba_file={AUTH_DIR}/pg_hba.conf", f"ident_file={AUTH_DIR}/pg_ident.conf"}
+    image_cmd = _dockerfile_cmd(dockerfile)
+    compose_cmd = [str(w) for w in services["db"]["command"]]
+    for cmd in (image_cmd, compose_cmd):
+        assert cmd[0] == "postgres"
+        settings = [cmd[i + 1] for i, w in enumerate(cmd[:-1]) if w == "-c"]
+        assert flags <= set(settings), cmd
+    assert re.search(
+        r'^ENV POSTGRES_INITDB_ARGS="--auth-local=peer --auth-host=scram-sha-256"$', text, re.M
+    )
+
+
+def test_compose_header_runs_psql_as_os_user_postgres():
+    header = [line for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
+    execs = [line for line in header if "docker compose exec" in line]
+    assert execs and all("exec -u postgres db psql" in line for line in execs), execs
 
 
 def test_worker_prepares_the_database_then_serves(
