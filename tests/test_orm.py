@@ -1,9 +1,12 @@
 """themis_pg.orm against a real database and worker: typed SQL functions through SQLAlchemy,
-ORM reads of the schema, and the SQL the function wrappers render."""
+ORM reads of the schema, the SQL the function wrappers render, and the ORM against the catalog
+of a database at head (the SQL files are the one source; any drift fails here)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -12,8 +15,12 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.types import TypeEngine
 
+from themis_pg.db import migrate
 from themis_pg.orm import (
+    FUNCTIONS,
+    REQUIRED,
     Config,
     Corpus,
     Document,
@@ -21,6 +28,7 @@ from themis_pg.orm import (
     Model,
     Source,
     Worker,
+    metadata,
     themis_embed,
     themis_rag,
     themis_rag_json,
@@ -82,11 +90,120 @@ def test_tables_live_in_their_own_metadata_and_schema():
             "sources",
             "documents",
             "changes",
+            "change_horizon",
             "workers",
             "jobs",
         )
     }
     assert all(t.schema == "themis" for t in tables.values())
+
+
+# -- the ORM against the catalog ---------------------------------------------------------------
+# Types compare by family: the compiled ORM type and PostgreSQL's format_type(), without
+# modifiers, with the string types that read and bind alike taken as one.
+_SAME_FAMILY = {"varchar": "text", "character varying": "text", "name": "text"}
+
+
+def _family(sql_type: str) -> str:
+    name = re.sub(r"\(.*?\)", "", sql_type).strip().lower()
+    dims = ""
+    while name.endswith("[]"):
+        name, dims = name[:-2].strip(), dims + "[]"
+    return _SAME_FAMILY.get(name, name) + dims
+
+
+def _orm_family(type_: TypeEngine[Any]) -> str:
+    return _family(str(type_.compile(dialect=_DIALECT)))
+
+
+@pytest.fixture(scope="module")
+def head_db(server) -> Iterator[str]:
+    """An empty database migrated to head (no models, no worker)."""
+    name = "t_orm_catalog"
+    server.drop_database(name)
+    dsn = server.create_database(name)
+    try:
+        migrate(dsn)
+        yield dsn
+    finally:
+        server.drop_database(name)
+
+
+_COLUMNS = """
+SELECT c.table_name, c.column_name, c.is_nullable = 'YES', format_type(a.atttypid, a.atttypmod)
+  FROM information_schema.columns c
+  JOIN information_schema.tables t USING (table_schema, table_name)
+  JOIN pg_attribute a ON a.attrelid = format('%I.%I', c.table_schema, c.table_name)::regclass
+                     AND a.attname = c.column_name
+ WHERE c.table_schema = 'themis' AND t.table_type = 'BASE TABLE'
+"""
+
+
+def test_orm_tables_and_columns_match_the_catalog(head_db: str):
+    with psycopg.connect(head_db, autocommit=True) as conn:
+        rows = conn.execute(_COLUMNS).fetchall()
+    db = {(table, col): (_family(type_), nullable) for table, col, nullable, type_ in rows}
+    orm = {(table.name, col.name): (_orm_family(col.type), bool(col.nullable))
+           for table in metadata.tables.values() for col in table.columns}
+    assert {t for t, _ in orm} == {t for t, _ in db}, "tables of schema themis"
+    drift = [f"{t}.{c}: database {db.get((t, c))}, ORM {orm.get((t, c))} (type, nullable)"
+             for t, c in sorted(db.keys() | orm.keys()) if db.get((t, c)) != orm.get((t, c))]
+    assert not drift, "themis_pg/orm.py differs from the schema:\n" + "\n".join(drift)
+
+
+_FUNCTIONS = """
+SELECT p.proname, p.proretset, format_type(p.prorettype, NULL),
+       coalesce(p.proargnames, '{}'),
+       coalesce(p.proargmodes::text[], array_fill('i'::text, ARRAY[p.pronargs])),
+       ARRAY(SELECT format_type(u.t, NULL)
+               FROM unnest(coalesce(p.proallargtypes, p.proargtypes::oid[]))
+                    WITH ORDINALITY AS u(t, n) ORDER BY u.n),
+       ARRAY(SELECT pg_get_function_arg_default(p.oid, n)
+               FROM generate_series(1, coalesce(array_length(p.proallargtypes, 1), p.pronargs))
+                    AS n ORDER BY n)
+  FROM pg_proc p
+ WHERE p.pronamespace = 'public'::regnamespace
+   AND EXISTS (SELECT 1 FROM unnest(p.proconfig) AS c WHERE c LIKE 'themis.execute=%')
+"""
+
+
+def _catalog_functions(dsn: str) -> tuple[list[str], dict[str, Any]]:
+    """Every marked public function: (names, overloads included; name -> its description)."""
+    names: list[str] = []
+    found: dict[str, Any] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, retset, rettype, argnames, modes, types, defaults in conn.execute(_FUNCTIONS):
+            names.append(name)
+            params, table = [], []
+            for i, mode in enumerate(modes):
+                arg = argnames[i] if i < len(argnames) else ""
+                if mode in ("i", "b"):
+                    default = (REQUIRED if defaults[i] is None
+                               else conn.execute(f"SELECT {defaults[i]}").fetchone()[0])
+                    params.append((arg, _family(types[i]), default))
+                elif mode == "t":
+                    table.append((arg, _family(types[i])))
+            returns = ("table", table) if retset and table else (
+                "setof" if retset else "value", _family(rettype))
+            found[name] = {"params": params, "returns": returns}
+    return names, found
+
+
+def _orm_function(fn: Any) -> dict[str, Any]:
+    returns = (("table", [(n, _orm_family(t)) for n, t in fn.returns_table])
+               if fn.returns_table else ("value", _orm_family(fn.type)))
+    return {"params": [(p.name, _orm_family(p.type), p.default) for p in fn.signature],
+            "returns": returns}
+
+
+def test_orm_functions_match_every_public_function(head_db: str):
+    names, db = _catalog_functions(head_db)
+    assert len(names) == len(set(names)), f"overloaded public functions: {sorted(names)}"
+    orm = {fn.name: _orm_function(fn) for fn in FUNCTIONS}
+    assert set(orm) == set(db), "public functions with a themis.execute marker"
+    drift = [f"{name}:\n  database {db[name]}\n  ORM      {orm[name]}"
+             for name in sorted(db) if db[name] != orm[name]]
+    assert not drift, "themis_pg/orm.py differs from sql/api:\n" + "\n".join(drift)
 
 
 # -- against the database ----------------------------------------------------------------------

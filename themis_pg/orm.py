@@ -4,6 +4,11 @@ Tables live on :data:`metadata`, separate from the application's own ``MetaData`
 ``Base.metadata.create_all()`` in an application never touches themis tables.  The schema is
 owned by the migrations (``themis migrate``): never ``create_all``/``drop_all`` this metadata.
 
+The SQL files (``sql/schema_*.sql``, ``sql/api/``) are the one source of the schema and the
+function signatures; this module follows them, and ``tests/test_orm.py`` compares it with the
+catalog of a migrated database (tables, columns, types, nullability; every public function's
+parameters, defaults and result), so a revision that changes either fails until this follows.
+
 Importing this module registers the SQL functions with :data:`sqlalchemy.func`, so
 ``func.themis_rag("q", 3)`` is typed (a ``str`` column) exactly like ``themis_rag("q", 3)``.
 The function classes also accept the SQL parameter names as keywords and render them in
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -51,7 +56,10 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator, TypeEngine, UserDefinedType
 
 __all__ = [
+    "FUNCTIONS",
+    "REQUIRED",
     "Change",
+    "ChangeHorizon",
     "Config",
     "Corpus",
     "Document",
@@ -59,6 +67,7 @@ __all__ = [
     "Job",
     "Model",
     "NamedArgument",
+    "Param",
     "Source",
     "ThemisBase",
     "Worker",
@@ -229,6 +238,16 @@ class Change(ThemisBase):
     op: Mapped[str] = mapped_column(PgChar())
 
 
+class ChangeHorizon(ThemisBase):
+    """Changes below ``xid`` have been pruned: a worker whose watermark is older reloads."""
+
+    __tablename__ = "change_horizon"
+    __table_args__ = _SCHEMA
+
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    xid: Mapped[int] = mapped_column(Xid8(), server_default=text("'0'"))
+
+
 class Worker(ThemisBase):
     """A worker process; it counts as alive while ``heartbeat_at`` is recent."""
 
@@ -274,6 +293,7 @@ class Job(ThemisBase):
     result: Mapped[Any | None] = mapped_column(JSONB, deferred=True)
     error: Mapped[str | None] = mapped_column(Text)
     error_sqlstate: Mapped[str | None] = mapped_column(Text)
+    error_hint: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -303,6 +323,30 @@ def _compile_named_argument(element: NamedArgument, compiler: SQLCompiler, **kw:
     return f"{element.name} => {compiler.process(element.value, **kw)}"
 
 
+class _Required:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Final = _Required()
+"""The :attr:`Param.default` of a parameter that has no default in SQL."""
+
+
+class Param(NamedTuple):
+    """One SQL parameter of a function.
+
+    ``default`` is the value of the server's default (``None`` for ``DEFAULT NULL``), or
+    :data:`REQUIRED`.  It documents the function and is checked against the catalog; calls
+    never send it: an omitted argument takes the server's default.
+    """
+
+    name: str
+    type: TypeEngine[Any]
+    default: Any = REQUIRED
+
+
 class _ThemisFunction(GenericFunction[_T]):
     """A themis SQL function with its parameters declared, so arguments bind with the SQL
     types and keywords render as named arguments (``k => 3``).
@@ -313,8 +357,10 @@ class _ThemisFunction(GenericFunction[_T]):
 
     _register = False  # the base class itself is not a SQL function
     inherit_cache = True
-    signature: ClassVar[tuple[tuple[str, TypeEngine[Any]], ...]] = ()
-    """The SQL parameters in order: (name, type)."""
+    signature: ClassVar[tuple[Param, ...]] = ()
+    """The SQL parameters in order."""
+    returns_table: ClassVar[tuple[tuple[str, TypeEngine[Any]], ...]] = ()
+    """For ``RETURNS TABLE (...)`` functions: the result columns in order, (name, type)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if "_parsed_args" in kwargs:  # SQLAlchemy-internal construction: pass through
@@ -327,20 +373,20 @@ class _ThemisFunction(GenericFunction[_T]):
                 f"{fname}() takes at most {len(self.signature)} arguments ({len(args)} given)"
             )
         parsed: list[ColumnElement[Any]] = [
-            type_coerce(value, ptype)
-            for value, (_, ptype) in zip(args, self.signature, strict=False)
+            type_coerce(value, param.type)
+            for value, param in zip(args, self.signature, strict=False)
         ]
-        positional = {pname for pname, _ in self.signature[: len(args)]}
-        known = dict(self.signature)
+        positional = {param.name for param in self.signature[: len(args)]}
+        known = {param.name for param in self.signature}
         for pname in kwargs:
             if pname not in known:
                 raise TypeError(f"{fname}() got an unexpected keyword argument {pname!r}")
             if pname in positional:
                 raise TypeError(f"{fname}() got multiple values for argument {pname!r}")
         parsed += [
-            NamedArgument(pname, type_coerce(kwargs[pname], ptype))
-            for pname, ptype in self.signature
-            if pname in kwargs
+            NamedArgument(param.name, type_coerce(kwargs[param.name], param.type))
+            for param in self.signature
+            if param.name in kwargs
         ]
         if type_ is not None:
             super().__init__(_parsed_args=parsed, type_=type_)
@@ -348,12 +394,11 @@ class _ThemisFunction(GenericFunction[_T]):
             super().__init__(_parsed_args=parsed)
 
 
-_Param = tuple[str, TypeEngine[Any]]
-_QUERY: _Param = ("query", Text())
-_K: _Param = ("k", Integer())
-_MAX_TOKENS: _Param = ("max_tokens", Integer())
-_TEMPERATURE: _Param = ("temperature", Double())
-_TIMEOUT: _Param = ("timeout_s", Double())
+_QUERY = Param("query", Text())
+_K = Param("k", Integer(), 5)
+_MAX_TOKENS = Param("max_tokens", Integer(), None)
+_TEMPERATURE = Param("temperature", Double(), 0.0)
+_TIMEOUT = Param("timeout_s", Double(), None)
 
 
 class themis_rag(_ThemisFunction[str]):
@@ -383,7 +428,7 @@ class themis_generate(_ThemisFunction[str]):
     name = "themis_generate"
     type = Text()
     inherit_cache = True
-    signature = (("prompt", Text()), _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+    signature = (Param("prompt", Text()), _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
 
 
 class themis_embed(_ThemisFunction[FloatArray]):
@@ -392,7 +437,7 @@ class themis_embed(_ThemisFunction[FloatArray]):
     name = "themis_embed"
     type = Embedding()
     inherit_cache = True
-    signature = (("input", Text()), _TIMEOUT)
+    signature = (Param("input", Text()), _TIMEOUT)
 
 
 class themis_status(_ThemisFunction[Any]):
@@ -409,6 +454,12 @@ class _themis_search_fn(_ThemisFunction[Any]):
     name = "themis_search"
     inherit_cache = True
     signature = (_QUERY, _K, _TIMEOUT)
+    returns_table = (
+        ("id", BigInteger()),
+        ("score", REAL()),
+        ("content", Text()),
+        ("metadata", JSONB()),
+    )
 
 
 def themis_search(*args: Any, name: str | None = None, **kwargs: Any) -> TableValuedAlias:
@@ -422,9 +473,18 @@ def themis_search(*args: Any, name: str | None = None, **kwargs: Any) -> TableVa
         select(t.c.id, t.c.score).select_from(t)
     """
     return _themis_search_fn(*args, **kwargs).table_valued(
-        column("id", BigInteger()),
-        column("score", REAL()),
-        column("content", Text()),
-        column("metadata", JSONB()),
+        *(column(cname, ctype) for cname, ctype in _themis_search_fn.returns_table),
         name=name,
     )
+
+
+FUNCTIONS: Final[tuple[type[_ThemisFunction[Any]], ...]] = (
+    themis_rag,
+    themis_rag_json,
+    _themis_search_fn,
+    themis_embed,
+    themis_generate,
+    themis_status,
+)
+"""The wrapper class of every public SQL function (``themis_search``'s is the function
+behind :func:`themis_search`)."""

@@ -1,4 +1,7 @@
-"""Initial schema: documents, change log, models, job bus, workers, SQL functions.
+"""Initial schema: documents, change log, models, job bus, workers.
+
+Tables only: the SQL functions are applied after the last revision of a run
+(themis_pg.migration_support.sync_functions).
 
 Revision ID: 0001
 Revises:
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from themis_pg.migration_support import apply_functions, check_server_package, execute_sql
+from themis_pg.migration_support import check_server_package, drop_marked_functions, execute_sql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -22,8 +25,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     check_server_package(op)
     execute_sql(op, "schema_0001.sql")
-    apply_functions(op)
 
 
 def downgrade() -> None:
+    drop_marked_functions(op)
     execute_sql(op, "drop_all.sql")
