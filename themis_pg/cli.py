@@ -183,10 +183,12 @@ def models_register(ctx: Context, name: str, kind: str, path: Path, make_default
 
 def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
     from .embedding import Embedder
+    from .models import verify_registered_model
     from .models.registry import get_model
 
     rec = get_model(conn, "embedding", name or ctx.settings.embedding_model or None)
-    return Embedder(rec.path, rec.name, n_threads=ctx.settings.n_threads)
+    return Embedder(verify_registered_model(rec, cache_dir=ctx.settings.model_cache), rec.name,
+                    n_threads=ctx.settings.n_threads)
 
 
 # -- documents ---------------------------------------------------------------------------------

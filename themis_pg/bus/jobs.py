@@ -83,7 +83,7 @@ class JobStore:
     @staticmethod
     def jobs_from_rows(rows: Sequence[Sequence[Any]]) -> list[Job]:
         return [Job(id=r[0], kind=r[1], payload=r[2], attempts=r[3], max_attempts=r[4],
-                    remaining_s=r[5]) for r in sorted(rows)]
+                    remaining_s=r[5]) for r in sorted(rows, key=lambda r: int(r[0]))]
 
     def claim(self, kinds: Sequence[str], limit: int, lease_s: float) -> list[Job]:
         sql, params = self.claim_statement(kinds, limit, lease_s)

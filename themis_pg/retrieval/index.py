@@ -74,6 +74,16 @@ def normalize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return unit
 
 
+def as_array(embedding: Any) -> npt.NDArray[np.float32]:
+    """A pgvector value as psycopg returns it: a NumPy array, pgvector's ``Vector`` (with
+    the adapter registered) or the text form."""
+    if isinstance(embedding, np.ndarray):
+        return embedding.astype(np.float32, copy=False)
+    if hasattr(embedding, "to_numpy"):
+        return np.asarray(embedding.to_numpy(), np.float32)
+    return parse_vector_text(str(embedding))
+
+
 def parse_vector_text(text: str) -> npt.NDArray[np.float32]:
     """pgvector's text form '[1,2,3]' (what psycopg returns without the adapter)."""
     return np.array([float(x) for x in text.strip("[]").split(",") if x], dtype=np.float32)
@@ -216,8 +226,7 @@ class EmbeddingIndex:
             if embedding is None:
                 to_embed.append((doc_id, str(content)))
                 continue
-            vector = embedding if isinstance(embedding, np.ndarray) else parse_vector_text(
-                str(embedding))
+            vector = as_array(embedding)
             if vector.shape[0] != self.dim:
                 log.warning("document %d has a %d-dim embedding; expected %d: skipped",
                             doc_id, vector.shape[0], self.dim)

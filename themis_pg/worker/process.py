@@ -29,6 +29,7 @@ from ..embedding import Embedder
 from ..errors import ModelMismatch
 from ..generation.engine import GenerationEngine, SequentialEngine
 from ..generation.llama import LlamaGenerator
+from ..models import verify_registered_model
 from ..models.registry import get_model
 from ..pl.payloads import Limits
 from ..retrieval.index import EmbeddingIndex
@@ -65,13 +66,17 @@ class Worker:
             gen = get_model(conn, "generation", settings.generation_model or None) \
                 if "generate" in self.kinds else None
             self.limits = Limits.from_config(JobStore(conn, self.worker_id).config())
-        self.embedder = Embedder(emb.path, emb.name, n_threads=settings.n_threads)
+        # The files must still be what was registered (sha256, cached by file identity).
+        self.embedder = Embedder(verify_registered_model(emb, cache_dir=settings.model_cache),
+                                 emb.name, n_threads=settings.n_threads)
         self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name)
         self.engine: GenerationEngine | None = None
         if gen is not None:
-            self.engine = SequentialEngine(LlamaGenerator(
-                gen.path, gen.name, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers))
+            generator = LlamaGenerator(
+                verify_registered_model(gen, cache_dir=settings.model_cache), gen.name,
+                n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                n_gpu_layers=settings.n_gpu_layers)
+            self.engine = SequentialEngine(generator)
         log.info("worker %s: embedding model %s (dim %d), generation model %s",
                  self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
 
