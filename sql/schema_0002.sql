@@ -31,10 +31,11 @@ $$;
 -- server closes one idle for a minute, so sessions that stopped calling themis give their
 -- second connection back.  A waiting caller re-reads its job every second, so it is never idle
 -- that long.  The SQL functions reconnect on their next call.
+-- A role setting, not a per-database one: the role is cluster-wide and serves only themis
+-- (and a database cloned from a template keeps it).
 DO $$
 BEGIN
-    EXECUTE format('ALTER ROLE themis_bus IN DATABASE %I SET idle_session_timeout = %L',
-                   current_database(), '60s');
+    ALTER ROLE themis_bus SET idle_session_timeout = '60s';
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'not allowed to ALTER ROLE themis_bus: set its idle_session_timeout yourself (README)';
 END

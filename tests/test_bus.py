@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import psycopg
-import pytest
 
 from .helpers import LONG_PROMPT, TLS, Call, one, sqlstate_of, wait_until
 
@@ -169,23 +168,76 @@ def test_job_that_cannot_succeed_fails_once_and_the_worker_serves_on(rag_db):
     assert one(rag_db, "SELECT themis_generate('Say hi.', 4)").strip()
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT themis_search(%s, 2)",
-    "SELECT themis_rag(%s, 2, 8)",
-])
-def test_several_workers_share_one_database(corpus_db, start_worker, sql):
+def test_several_workers_share_one_database(corpus_db, start_worker):
+    """Generations take seconds and a worker runs one at a time, so while one worker is busy
+    the other must take the next queued job: both serve, and each job is done exactly once."""
     workers = [start_worker(corpus_db), start_worker(corpus_db)]
-    calls = [Call(corpus_db, sql, (TLS,)) for _ in range(8)]
+    calls = [Call(corpus_db, "SELECT themis_rag(%s, 2, 8)", (TLS,)) for _ in range(6)]
+    calls += [Call(corpus_db, "SELECT count(*) FROM themis_search(%s, 2)", (TLS,))
+              for _ in range(6)]
     for c in calls:
         c.start()
     for c in calls:
         c.join(timeout=300)
         assert c.error is None, c.error
-    served = one(corpus_db, "SELECT count(DISTINCT worker_id) FROM themis.jobs "
-                            "WHERE status = 'done'")
-    assert served >= 1
-    assert one(corpus_db, "SELECT count(*) FROM themis.jobs WHERE status <> 'done'") == 0
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        by_worker = dict(conn.execute(
+            "SELECT worker_id, count(*) FROM themis.jobs WHERE kind = 'generate' "
+            "GROUP BY worker_id").fetchall())
+        attempts = conn.execute("SELECT DISTINCT status, attempts FROM themis.jobs").fetchall()
+    assert set(by_worker) == {w.id for w in workers}, by_worker
+    assert sum(by_worker.values()) == 6
+    assert attempts == [("done", 1)]
     assert all(w.proc.poll() is None for w in workers)
+
+
+def test_finish_is_fenced_on_the_attempt(corpus_db):
+    """A worker whose lease lapsed (its job re-queued and claimed again, even by itself) can
+    no longer finish or fail the old attempt."""
+    from themis_pg.bus.jobs import Finished, JobStore
+
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO themis.jobs (kind, payload, requested_by, caller_pid, caller_started, "
+            "reply_channel, reply_token, deadline) VALUES ('embed', '{\"text\": \"x\"}', "
+            "current_user, pg_backend_pid(), now(), 'c', 'tok', now() + interval '1 hour')")
+        first_store, other_store = JobStore(conn, "w1"), JobStore(conn, "w2")
+        (first,) = first_store.claim(["embed"], 1, 30)
+        conn.execute("UPDATE themis.jobs SET status = 'queued', lease_until = NULL")
+        (again,) = first_store.claim(["embed"], 1, 30)  # the same worker, a new attempt
+        assert (first.attempts, again.attempts) == (1, 2)
+        assert first_store.finish([Finished(first, {"stale": True})]) == set()
+        assert not first_store.fail(first, "stale", "XX000")
+        assert not other_store.fail(again, "not mine", "XX000")
+        assert first_store.finish([Finished(again, {"fresh": True})]) == {again.id}
+        status, result = conn.execute("SELECT status, result FROM themis.jobs").fetchone()
+    assert (status, result) == ("done", {"fresh": True})
+
+
+def test_idle_bus_connections_are_closed_by_the_server(rag_db):
+    with psycopg.connect(rag_db, autocommit=True) as conn:
+        setting = conn.execute(
+            "SELECT setconfig FROM pg_db_role_setting WHERE setdatabase = 0 "
+            "AND setrole = 'themis_bus'::regrole").fetchone()[0]
+        assert "idle_session_timeout=60s" in setting
+        # a per-database setting wins over the role's: this test's database only
+        conn.execute("ALTER ROLE themis_bus IN DATABASE " + conn.info.dbname
+                     + " SET idle_session_timeout = '1s'")
+    try:
+        with psycopg.connect(rag_db, autocommit=True) as caller:
+            assert caller.execute("SELECT count(*) FROM themis_search(%s, 2)",
+                                  (TLS,)).fetchone()[0] == 2
+            bus_count = ("SELECT count(*) FROM pg_stat_activity WHERE usename = 'themis_bus' "
+                         "AND datname = current_database()")
+            assert one(rag_db, bus_count) >= 1
+            wait_until(lambda: one(rag_db, bus_count) == 0, 10, "the idle bus connection to close")
+            # the same session reconnects on its next call
+            assert caller.execute("SELECT count(*) FROM themis_search(%s, 2)",
+                                  (TLS,)).fetchone()[0] == 2
+    finally:
+        with psycopg.connect(rag_db, autocommit=True) as conn:
+            conn.execute("ALTER ROLE themis_bus IN DATABASE " + conn.info.dbname
+                         + " RESET idle_session_timeout")
 
 
 def test_no_free_connection_for_the_bus_is_a_clear_error(rag_db):

@@ -49,15 +49,15 @@ class SearchLane(Lane):
         conn = self.db.get()
         store = JobStore(conn, worker.worker_id)
         index = worker.index
+        mismatch: ModelMismatch | None = None
         if index.watermark is None and "search" in self.kinds:
-            self._load_index(conn)
+            mismatch = self._load_index(conn)
         delta = index.delta_query() if "search" in self.kinds else None
         with conn.pipeline():
             claimed = conn.execute(*store.claim_statement(self.kinds, self.settings.search_batch,
                                                           self.settings.lease))
             changes = conn.execute(*delta) if delta is not None else None
         jobs = store.jobs_from_rows(claimed.fetchall())
-        mismatch: ModelMismatch | None = None
         if changes is not None:
             try:
                 index.apply_delta(changes.fetchall(), conn, embed=worker.embedder.embed)
@@ -79,11 +79,15 @@ class SearchLane(Lane):
             worker.registry.end(ids)
         return True
 
-    def _load_index(self, conn: psycopg.Connection[Any]) -> None:
+    def _load_index(self, conn: psycopg.Connection[Any]) -> ModelMismatch | None:
+        """Load the index (retried at each step until it works, e.g. after `themis reembed`);
+        the reason it cannot be loaded fails the searches meanwhile."""
         try:
             self.worker.index.load(conn)
         except ModelMismatch as exc:
-            log.error("%s; search jobs will fail until this is fixed", exc.message)
+            log.debug("index not loaded: %s", exc.message)
+            return exc
+        return None
 
     def serve(self, jobs: list[Job], mismatch: ModelMismatch | None) -> None:
         worker = self.worker
