@@ -1,5 +1,8 @@
 """${message}
 
+Tables only: the function set (sql/api) is applied after the run; read sql/README.md
+first (freeze sql/api before changing what the functions use).
+
 Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from themis_pg.migration_support import apply_functions, execute_sql
+from themis_pg.migration_support import execute_sql  # noqa: F401 - for table changes
 ${imports if imports else ""}
 
 revision: str = ${repr(up_revision)}
@@ -21,7 +24,7 @@ depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
 
 def upgrade() -> None:
-    ${upgrades if upgrades else "apply_functions(op)"}
+    ${upgrades if upgrades else "pass"}
 
 
 def downgrade() -> None:

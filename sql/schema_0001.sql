@@ -1,6 +1,6 @@
 -- themis-pg schema, revision 0001: tables, roles, grants, row-level security, triggers.
--- Tables change only in new revisions; functions live in the idempotent files
--- (bus.sql, functions.sql) that every revision re-applies.
+-- Tables change only in new revisions; functions live in the function set (sql/api/, see
+-- sql/README.md), applied after the last revision of a migration run.
 
 CREATE EXTENSION IF NOT EXISTS vector;
 CREATE EXTENSION IF NOT EXISTS plpython3u;

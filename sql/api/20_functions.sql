@@ -1,11 +1,13 @@
--- User-facing functions.  Idempotent: re-applied by every revision.
+-- User-facing functions.  Part of the function set (sql/README.md): applied after the
+-- migrations, dropped and re-created as a whole.
 --
 -- Each PL/Python body is a few lines that hand over to the themis_pl package (themis_pg/pl in
 -- the source tree), which the server's Python imports.  The public functions are thin
 -- PL/pgSQL wrappers around them that re-raise errors without PL/Python's exception-class
--- prefix and traceback, so callers see PostgreSQL's usual one-line message and SQLSTATE.  They run as the caller (SECURITY
--- INVOKER) so that GRANTs and row-level security decide which documents a call may use,
--- with a pinned search_path.  EXECUTE is for themis_user (and the owner) only.
+-- prefix and traceback, so callers see PostgreSQL's usual one-line message and SQLSTATE.
+-- They run as the caller (SECURITY INVOKER) so that GRANTs and row-level security decide
+-- which documents a call may use, with a pinned search_path.  EXECUTE is for themis_user
+-- (and the owner) only: each function's `SET themis.execute` marker says so.
 
 -- Re-raise an error caught by a wrapper with PL/Python's "plpy.Error: " (or
 -- "spiexceptions.X: ") prefix removed, keeping its SQLSTATE and (non-empty) hint.
