@@ -1,0 +1,127 @@
+"""Vector stores against a float64 NumPy reference: the same tests for every store.
+
+``NumpyStore`` runs everywhere; ``CupyStore`` runs where CuPy sees a GPU (marked ``gpu``,
+skipped with the reason elsewhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from themis_pg.retrieval.cupy_store import cupy_available
+from themis_pg.retrieval.store import NumpyStore, SearchFilter
+
+
+def make_store(kind: str, dim: int):
+    if kind == "numpy":
+        return NumpyStore(dim)
+    from themis_pg.retrieval.cupy_store import CupyStore
+
+    return CupyStore(dim, capacity=16)
+
+
+STORES = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param("cupy", id="cupy", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")]),
+]
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.ndarray:
+    """Real embeddings are clustered: many near-equal scores, the hard case for pruning."""
+    centers = unit(rng, clusters, dim)
+    x = centers[rng.integers(0, clusters, n)] + 0.15 * unit(rng, n, dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reference(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):
+    scores = queries.astype(np.float64) @ matrix.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[(int(ids[r]), float(scores[i, r])) for r in row] for i, row in enumerate(order)]
+
+
+def recall(got, want) -> float:
+    """Recall@k with ties counted as hits: a returned id whose exact score equals the k-th
+    reference score is as good as the reference's pick."""
+    hits = 0
+    total = 0
+    for g, w in zip(got, want, strict=True):
+        kth = w[-1][1]
+        wanted = {i for i, _ in w}
+        hits += sum(1 for i, s in g if i in wanted or abs(s - kth) < 1e-6)
+        total += len(w)
+    return hits / total
+
+
+@pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("data", ["random", "clustered"])
+def test_exact_top_k_against_float64(kind, data):
+    rng = np.random.default_rng(7)
+    dim = 64
+    matrix = unit(rng, 20_000, dim) if data == "random" else clustered(rng, 20_000, dim, 50)
+    ids = rng.permutation(1_000_000)[:20_000].astype(np.int64)
+    store = make_store(kind, dim)
+    store.replace_all(ids, matrix)
+    queries = np.concatenate([unit(rng, 5, dim), matrix[:3]])  # also rows of the matrix
+    for k in (1, 10, 50):
+        got = store.search(queries, k)
+        want = reference(matrix, ids, queries, k)
+        assert all(len(g) == k for g in got)
+        assert recall(got, want) == 1.0
+        for g, w in zip(got, want, strict=True):
+            assert np.allclose([s for _, s in g], [s for _, s in w], atol=1e-5)
+            assert [s for _, s in g] == sorted((s for _, s in g), reverse=True)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_upsert_delete_and_growth(kind):
+    rng = np.random.default_rng(3)
+    dim = 16
+    store = make_store(kind, dim)
+    vectors = unit(rng, 3000, dim)
+    for start in range(0, 3000, 500):  # grows past its capacity several times
+        store.upsert(np.arange(start, start + 500, dtype=np.int64), vectors[start:start + 500])
+    assert len(store) == 3000
+    assert store.search(vectors[1234:1235], 1)[0][0][0] == 1234
+    assert store.delete([1234, 999_999]) == 1
+    assert len(store) == 2999
+    assert all(i != 1234 for i, _ in store.search(vectors[1234:1235], 5)[0])
+    store.upsert(np.array([7], np.int64), vectors[1234:1235])  # an update moves id 7
+    assert store.search(vectors[1234:1235], 1)[0][0][0] == 7
+    live = np.delete(np.arange(3000), 1234)
+    matrix = vectors[live].copy()
+    matrix[list(live).index(7)] = vectors[1234]
+    want = reference(matrix, live, vectors[:4], 20)
+    assert recall(store.search(vectors[:4], 20), want) == 1.0
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_filters_page_below_a_score_and_exclude_ids(kind):
+    rng = np.random.default_rng(5)
+    dim = 32
+    vectors = unit(rng, 2000, dim)
+    ids = np.arange(2000, dtype=np.int64)
+    store = make_store(kind, dim)
+    store.replace_all(ids, vectors)
+    query = unit(rng, 1, dim)
+    first = store.search(query, 10)[0]
+    cut = first[-1][1]
+    nxt = store.search(query, 10, [SearchFilter(below=cut, exclude=frozenset({first[-1][0]}))])[0]
+    want = reference(vectors, ids, query, 20)[0]
+    assert [i for i, _ in first + nxt] == [i for i, _ in want]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_empty_store_and_small_corpora(kind):
+    store = make_store(kind, 8)
+    assert store.search(np.ones((2, 8), np.float32) / np.sqrt(8), 5) == [[], []]
+    store.upsert(np.array([1, 2], np.int64), np.eye(8, dtype=np.float32)[:2])
+    got = store.search(np.eye(8, dtype=np.float32)[:1], 5)[0]
+    assert [i for i, _ in got] == [1, 2]
