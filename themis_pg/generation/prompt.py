@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ContextOverflow
+from ..pl.payloads import Context  # one definition for the bus and the prompt
 
 SYSTEM_PROMPT = (
     "You answer questions about internal documentation. Use only the documents given. Be "
@@ -33,13 +34,6 @@ _CONTROL_MARKERS = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|<<\/?SYS>>
 def neutralize(text: str) -> str:
     """Caller- or document-supplied text with chat control markers removed."""
     return _CONTROL_MARKERS.sub("", text)
-
-
-@dataclass(frozen=True)
-class Context:
-    id: int
-    content: str
-    source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import FloatArray, Hit, IdArray, SearchFilter
+from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,13 @@ def cupy_available() -> bool:
         return False
 
 
-class CupyStore:
-    """Unit vectors on one GPU; ids on the host (the row → id map) and beside the matrix."""
+class CupyStore(RowMap):
+    """Unit vectors on one GPU; the row → id map on the host."""
 
     def __init__(self, dim: int, *, device_id: int = 0, capacity: int = 1024) -> None:
         import cupy as cp
 
+        super().__init__()
         self._cp = cp
         self.dim = dim
         self.device_id = device_id
@@ -66,12 +67,6 @@ class CupyStore:
         with cp.cuda.Device(device_id):
             self._half = cp.zeros((capacity, dim), cp.float16)
             self._full = cp.zeros((capacity, dim), cp.float32)
-        self._ids: IdArray = np.zeros(capacity, np.int64)
-        self._size = 0
-        self._row_of: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return self._size
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +74,7 @@ class CupyStore:
 
     # -- writes ---------------------------------------------------------------------------
     def _reserve(self, rows: int) -> None:
+        """Double the capacity when full: the copy stays on the device."""
         cp = self._cp
         capacity = self._half.shape[0]
         if rows <= capacity:
@@ -90,9 +86,6 @@ class CupyStore:
             half[: self._size] = self._half[: self._size]
             full[: self._size] = self._full[: self._size]
         self._half, self._full = half, full
-        ids = np.zeros(new_capacity, np.int64)
-        ids[: self._size] = self._ids[: self._size]
-        self._ids = ids
 
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
         """Load every row at once: one host→device copy (pinned when the caller passes a
@@ -104,47 +97,19 @@ class CupyStore:
             self._full = cp.zeros((max(n, 1024), self.dim), cp.float32)
             self._full[:n] = full
             self._half = self._full.astype(cp.float16)
-        self._ids = np.zeros(max(n, 1024), np.int64)
-        self._ids[:n] = np.asarray(ids, np.int64)
-        self._size = n
-        self._row_of = {int(i): r for r, i in enumerate(self._ids[:n])}
+        self._set_all_ids(ids, max(n, 1024))
 
-    def upsert(self, ids: IdArray, vectors: FloatArray) -> None:
+    def _write(self, rows: IdArray, vectors: FloatArray) -> None:
         cp = self._cp
-        rows = np.empty(len(ids), np.int64)
-        new = 0
-        for j, doc_id in enumerate(ids):
-            row = self._row_of.get(int(doc_id))
-            if row is None:
-                row = self._size + new
-                new += 1
-                self._row_of[int(doc_id)] = row
-            rows[j] = row
-        self._reserve(self._size + new)
-        self._ids[rows] = ids
-        self._size += new
         with cp.cuda.Device(self.device_id):
             dev_rows = cp.asarray(rows)
             block = cp.ascontiguousarray(cp.asarray(vectors, dtype=cp.float32))
             self._full[dev_rows] = block
             self._half[dev_rows] = block.astype(cp.float16)
 
-    def delete(self, ids: Sequence[int]) -> int:
-        removed = 0
-        for doc_id in ids:
-            row = self._row_of.pop(int(doc_id), None)
-            if row is None:
-                continue
-            last = self._size - 1
-            if row != last:
-                moved = int(self._ids[last])
-                self._ids[row] = moved
-                self._full[row] = self._full[last]
-                self._half[row] = self._half[last]
-                self._row_of[moved] = row
-            self._size -= 1
-            removed += 1
-        return removed
+    def _move(self, dst: int, src: int) -> None:
+        self._full[dst] = self._full[src]
+        self._half[dst] = self._half[src]
 
     # -- search ---------------------------------------------------------------------------
     def search(self, queries: FloatArray, n: int,

@@ -60,47 +60,54 @@ class VectorStore(Protocol):
         ...
 
 
-class NumpyStore:
-    """The CPU store: a float32 matrix in host memory, grown geometrically, swap-deleted."""
+class RowMap:
+    """The bookkeeping every store shares: ids by row, rows by id, and O(1) swap-deletes.
 
-    device = "cpu"
+    Subclasses hold the vectors and implement ``_reserve`` (room for ``rows`` rows),
+    ``_write(rows, vectors)`` and ``_move(dst, src)`` (copy one row's vector).
+    """
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self._ids: IdArray = np.empty(0, np.int64)
-        self._matrix: FloatArray = np.empty((0, dim), np.float32)
+    def __init__(self) -> None:
+        self._ids: IdArray = np.zeros(0, np.int64)
         self._size = 0
         self._row_of: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self._size
 
-    @property
-    def nbytes(self) -> int:
-        return int(self._matrix.nbytes + self._ids.nbytes)
+    def _reserve(self, rows: int) -> None:
+        raise NotImplementedError
 
-    def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
-        self._ids = np.array(ids, np.int64)
-        self._matrix = np.ascontiguousarray(vectors, np.float32)
+    def _write(self, rows: IdArray, vectors: FloatArray) -> None:
+        raise NotImplementedError
+
+    def _move(self, dst: int, src: int) -> None:
+        raise NotImplementedError
+
+    def _set_all_ids(self, ids: IdArray, capacity: int) -> None:
+        self._ids = np.zeros(capacity, np.int64)
+        self._ids[: len(ids)] = np.asarray(ids, np.int64)
         self._size = len(ids)
-        self._row_of = {int(i): r for r, i in enumerate(self._ids)}
+        self._row_of = {int(i): r for r, i in enumerate(self._ids[: self._size])}
 
     def upsert(self, ids: IdArray, vectors: FloatArray) -> None:
-        for doc_id, vector in zip(ids, vectors, strict=True):
+        rows = np.empty(len(ids), np.int64)
+        new = 0
+        for j, doc_id in enumerate(ids):
             row = self._row_of.get(int(doc_id))
             if row is None:
-                if self._size == self._matrix.shape[0]:
-                    self._grow()
-                row = self._size
-                self._size += 1
+                row = self._size + new
+                new += 1
                 self._row_of[int(doc_id)] = row
-                self._ids[row] = doc_id
-            self._matrix[row] = vector
-
-    def _grow(self) -> None:
-        extra = max(1024, self._size // 2)  # amortised O(1) per insert
-        self._matrix = np.concatenate([self._matrix, np.zeros((extra, self.dim), np.float32)])
-        self._ids = np.concatenate([self._ids, np.zeros(extra, np.int64)])
+            rows[j] = row
+        self._reserve(self._size + new)
+        if len(self._ids) < self._size + new:
+            grown = np.zeros(max(self._size + new, 2 * len(self._ids), 1024), np.int64)
+            grown[: self._size] = self._ids[: self._size]
+            self._ids = grown
+        self._ids[rows] = ids
+        self._size += new
+        self._write(rows, vectors)
 
     def delete(self, ids: Sequence[int]) -> int:
         """Swap-remove: O(1) per row; row order does not matter to exact search."""
@@ -113,11 +120,42 @@ class NumpyStore:
             if row != last:
                 moved = int(self._ids[last])
                 self._ids[row] = moved
-                self._matrix[row] = self._matrix[last]
+                self._move(row, last)
                 self._row_of[moved] = row
             self._size -= 1
             removed += 1
         return removed
+
+
+class NumpyStore(RowMap):
+    """The CPU store: a float32 matrix in host memory, grown geometrically."""
+
+    device = "cpu"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self._matrix: FloatArray = np.empty((0, dim), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._matrix.nbytes + self._ids.nbytes)
+
+    def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
+        self._matrix = np.ascontiguousarray(vectors, np.float32)
+        self._set_all_ids(ids, len(ids))
+
+    def _reserve(self, rows: int) -> None:
+        if rows > self._matrix.shape[0]:  # amortised O(1) per insert
+            extra = max(1024, self._matrix.shape[0] // 2, rows - self._matrix.shape[0])
+            self._matrix = np.concatenate([self._matrix,
+                                           np.zeros((extra, self.dim), np.float32)])
+
+    def _write(self, rows: IdArray, vectors: FloatArray) -> None:
+        self._matrix[rows] = vectors
+
+    def _move(self, dst: int, src: int) -> None:
+        self._matrix[dst] = self._matrix[src]
 
     def search(self, queries: FloatArray, n: int,
                filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
