@@ -181,7 +181,7 @@ def test_several_workers_share_one_database(corpus_db, start_worker):
         c.join(timeout=300)
         assert c.error is None, c.error
     with psycopg.connect(corpus_db, autocommit=True) as conn:
-        by_worker = dict(conn.execute(
+        by_worker: dict[str, int] = dict(conn.execute(
             "SELECT worker_id, count(*) FROM themis.jobs WHERE kind = 'generate' "
             "GROUP BY worker_id").fetchall())
         attempts = conn.execute("SELECT DISTINCT status, attempts FROM themis.jobs").fetchall()
@@ -210,8 +210,8 @@ def test_finish_is_fenced_on_the_attempt(corpus_db):
         assert not first_store.fail(first, "stale", "XX000")
         assert not other_store.fail(again, "not mine", "XX000")
         assert first_store.finish([Finished(again, {"fresh": True})]) == {again.id}
-        status, result = conn.execute("SELECT status, result FROM themis.jobs").fetchone()
-    assert (status, result) == ("done", {"fresh": True})
+        row = conn.execute("SELECT status, result FROM themis.jobs").fetchone()
+    assert row == ("done", {"fresh": True})
 
 
 def test_idle_bus_connections_are_closed_by_the_server(rag_db):

@@ -298,7 +298,8 @@ def test_orm_reads_documents_sources_and_embeddings(engine: sa.Engine):
         assert kinds == {"generation", "embedding"}
         worker = session.scalars(select(Worker)).first()
         assert worker is not None and "search" in worker.kinds
-        assert session.scalar(select(func.count()).select_from(Job)) is not None
+        jobs = session.scalar(sa.text("SELECT count(*) FROM themis.jobs"))
+        assert session.scalar(select(func.count()).select_from(Job)) == jobs
 
 
 def test_themis_embed_returns_an_array(engine: sa.Engine):

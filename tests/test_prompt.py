@@ -6,7 +6,8 @@ import pytest
 
 from themis_pg.bus.queries import parse_named_queries, queries
 from themis_pg.errors import ContextOverflow
-from themis_pg.generation.prompt import Context, build_rag_prompt, build_raw_prompt
+from themis_pg.generation.prompt import build_rag_prompt, build_raw_prompt
+from themis_pg.pl.payloads import Context
 
 
 def count(text: str) -> int:

@@ -31,14 +31,16 @@ STORES = [
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    out: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
 
 
 def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.ndarray:
     """Real embeddings are clustered: many near-equal scores, the hard case for pruning."""
     centers = unit(rng, clusters, dim)
     x = centers[rng.integers(0, clusters, n)] + 0.15 * unit(rng, n, dim)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def reference(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):

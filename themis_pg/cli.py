@@ -58,11 +58,12 @@ def _setup_logging(level: str) -> None:
 @click.group()
 @click.option("--dsn", envvar="THEMIS_DSN", default=None,
               help="Database to use (libpq DSN or URL); default: the embedded cluster.")
-@click.option("--log-level", envvar="THEMIS_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--log-level", default=None,
+              help="Logging level; default: THEMIS_LOG_LEVEL (Settings.log_level), INFO.")
 @click.pass_context
-def main(ctx: click.Context, dsn: str | None, log_level: str) -> None:
+def main(ctx: click.Context, dsn: str | None, log_level: str | None) -> None:
     """themis-pg: retrieval-augmented generation inside PostgreSQL."""
-    _setup_logging(log_level)
+    _setup_logging(log_level or get_settings().log_level)
     ctx.obj = Context(dsn)
 
 
