@@ -127,3 +127,24 @@ def test_empty_store_and_small_corpora(kind):
     store.upsert(np.array([1, 2], np.int64), np.eye(8, dtype=np.float32)[:2])
     got = store.search(np.eye(8, dtype=np.float32)[:1], 5)[0]
     assert [i for i, _ in got] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_allow_restricts_to_matching_ids(kind):
+    """A metadata filter's matches: k of them come back whenever k match, fewer only when
+    fewer match, never another row."""
+    rng = np.random.default_rng(9)
+    dim = 32
+    vectors = unit(rng, 5000, dim)
+    ids = np.arange(5000, dtype=np.int64)
+    store = make_store(kind, dim)
+    store.replace_all(ids, vectors)
+    allowed = frozenset(int(i) for i in rng.choice(5000, 50, replace=False))  # 1%
+    query = unit(rng, 2, dim)
+    got = store.search(query, 10, [SearchFilter(allow=allowed), None])
+    sub = np.array(sorted(allowed))
+    want = reference(vectors[sub], sub, query[:1], 10)[0]
+    assert [i for i, _ in got[0]] == [i for i, _ in want]
+    assert len(got[1]) == 10 and not {i for i, _ in got[1]} <= allowed
+    few = store.search(query[:1], 10, [SearchFilter(allow=frozenset({3, 4, 99_999}))])[0]
+    assert sorted(i for i, _ in few) == [3, 4]

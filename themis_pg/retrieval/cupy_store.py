@@ -11,9 +11,9 @@ One search of ``b`` queries:
 2. selection by group maxima: every ``GROUP`` consecutive rows form a group; a group holding
    one of the top-k rows has a maximum at least the k-th best score, so only the best
    ``k + margin`` groups (by their maxima) can hold the answer.  The group maxima are one
-   read of the score block, and the selection runs over ``rows / GROUP`` values instead of
-   ``rows``: this is what keeps selection near the matmul's cost where a plain argpartition
-   over all scores costs 20-50x the matmul (GPU.md);
+   read of the score block, and the selection (``radix_topk``, a radix select kernel) runs
+   over ``rows / GROUP`` values instead of ``rows``: this is what keeps selection near the
+   matmul's cost where a plain argpartition over all scores costs 20-50x the matmul (GPU.md);
 3. the rows of those groups are ranked by their fp16 scores, the best ``k + margin`` of them
    are rescored exactly in fp32, and the best k returned.
 
@@ -41,6 +41,81 @@ log = logging.getLogger(__name__)
 GROUP = 32          # rows per group for the group-maximum pruning
 MARGIN = 16         # extra groups and extra rows rescored beyond k
 CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
+
+
+# Exact top-k selection per row by radix select: four 8-bit passes over the row find the key
+# of the k-th largest value (float bits mapped to an order-preserving uint32), then one pass
+# writes out every index above it and as many equal to it as k needs.  One block per row;
+# the rows are short here (group maxima, candidate lists), so they stay in L1/L2 between
+# passes.  This replaces argpartition, which sorts and costs a multiple of the matmul.
+_RADIX_TOPK = r"""
+__device__ __forceinline__ unsigned int key_of(float f) {
+    unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, const int k,
+                                      long long* __restrict__ out) {
+    const float* row = x + (long long)blockIdx.x * n;
+    long long* dst = out + (long long)blockIdx.x * k;
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int prefix, mask;
+    __shared__ int need, n_gt, n_eq;
+    if (threadIdx.x == 0) { prefix = 0u; mask = 0u; need = k; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        const unsigned int p = prefix, m = mask;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const unsigned int key = key_of(row[i]);
+            if ((key & m) == p) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int left = need;
+            int digit = 255;
+            for (; digit > 0; --digit) {
+                const int c = (int)hist[digit];
+                if (c >= left) break;
+                left -= c;
+            }
+            prefix = p | ((unsigned int)digit << shift);
+            mask = m | (255u << shift);
+            need = left;          /* how many keys equal to the final prefix to take */
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { n_gt = 0; n_eq = 0; }
+    __syncthreads();
+    const unsigned int kth = prefix;
+    const int take_eq = need, first_eq = k - need;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const unsigned int key = key_of(row[i]);
+        if (key > kth) {
+            dst[atomicAdd(&n_gt, 1)] = i;
+        } else if (key == kth) {
+            const int pos = atomicAdd(&n_eq, 1);
+            if (pos < take_eq) dst[first_eq + pos] = i;
+        }
+    }
+}
+"""
+_kernels: dict[int, Any] = {}
+
+
+def radix_topk(cp: Any, x: Any, k: int) -> Any:
+    """Column indices (b, k), unordered, of the k largest values of each row of ``x`` (b, n)
+    float32 on the GPU; ``k`` must be at most n."""
+    device = cp.cuda.Device().id
+    if device not in _kernels:
+        _kernels[device] = cp.RawKernel(_RADIX_TOPK, "radix_topk")
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
+    b, n = x.shape
+    out = cp.empty((b, k), cp.int64)
+    if b and k:
+        _kernels[device]((b,), (256,), (x, cp.int32(n), cp.int32(k), out))
+    return out
 
 
 def cupy_available() -> bool:
@@ -159,7 +234,7 @@ class CupyStore(RowMap):
         keep_groups = min(groups, k + MARGIN)
         keep_rows = min(keep_groups * GROUP, k + MARGIN)
         chunk_rows = max(GROUP, (CHUNK_BYTES // (2 * b)) // GROUP * GROUP)
-        maxima = cp.empty((b, groups), cp.float16)
+        maxima = cp.empty((b, groups), cp.float32)
         for start in range(0, padded, chunk_rows):
             stop = min(start + chunk_rows, padded)
             live = min(stop, size) - start
@@ -167,7 +242,7 @@ class CupyStore(RowMap):
             scores[:, :live] = q16 @ self._half[start:start + live].T
             maxima[:, start // GROUP: stop // GROUP] = scores.reshape(b, -1, GROUP).max(axis=2)
         if keep_groups < groups:
-            top_groups = cp.argpartition(-maxima, keep_groups - 1, axis=1)[:, :keep_groups]
+            top_groups = radix_topk(cp, maxima, keep_groups)
         else:
             top_groups = cp.broadcast_to(cp.arange(groups), (b, groups))
         cand = (top_groups[:, :, None] * GROUP + cp.arange(GROUP)[None, None, :]).reshape(b, -1)
@@ -177,20 +252,26 @@ class CupyStore(RowMap):
                            self._half[safe].astype(cp.float32))
         approx = cp.where(cand >= 0, approx, -cp.inf)
         if keep_rows < cand.shape[1]:
-            pick = cp.argpartition(-approx, keep_rows - 1, axis=1)[:, :keep_rows]
+            pick = radix_topk(cp, approx, keep_rows)
             cand = cp.take_along_axis(cand, pick, axis=1)
         return self._exact_top(q32, cand, k)
 
     def _search_filtered(self, q32: Any, n: int,
                          filters: Sequence[SearchFilter | None]) -> tuple[Any, Any]:
-        """Paged rounds (a score ceiling and excluded ids): exact fp32 scores over every row,
-        then the per-query restrictions; rare (callers behind row-level security)."""
+        """Metadata filters and paged rounds (allowed ids, a score ceiling, excluded ids):
+        exact fp32 scores over every row, then the per-query restrictions."""
         cp = self._cp
         size = self._size
         scores = q32 @ self._full[:size].T
         for i, flt in enumerate(filters):
             if flt is None:
                 continue
+            if flt.allow is not None:
+                keep = cp.zeros(size, cp.bool_)
+                allowed = [r for d in flt.allow if (r := self._row_of.get(d)) is not None]
+                if allowed:
+                    keep[cp.asarray(allowed)] = True
+                scores[i, ~keep] = -cp.inf
             if flt.below is not None:
                 row = scores[i]
                 row[row > flt.below] = -cp.inf
@@ -198,6 +279,8 @@ class CupyStore(RowMap):
             if rows:
                 scores[i, cp.asarray(rows)] = -cp.inf
         k = min(n, size)
-        part = cp.argpartition(-scores, k - 1, axis=1)[:, :k] if k < size else \
-            cp.broadcast_to(cp.arange(size), (scores.shape[0], size))
-        return self._exact_top(q32, part, k)
+        part = radix_topk(cp, scores, k) if k < size else \
+            cp.ascontiguousarray(cp.broadcast_to(cp.arange(size), (scores.shape[0], size)))
+        # rows ruled out above (score -inf) must stay out after the exact rescoring
+        ruled_out = cp.take_along_axis(scores, part, axis=1) == -cp.inf
+        return self._exact_top(q32, cp.where(ruled_out, -1, part), k)

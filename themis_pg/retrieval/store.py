@@ -22,12 +22,14 @@ IdArray = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class SearchFilter:
-    """Per-query restriction: only rows scoring at most ``below`` (None: any), and never the
-    ids in ``exclude``.  This is how a later round of one paged search continues where the
-    previous one stopped."""
+    """Per-query restriction: only the ids in ``allow`` (None: all; a metadata filter's
+    matches), only rows scoring at most ``below`` (None: any), and never the ids in
+    ``exclude`` (with ``below``, how a later round of one paged search continues where the
+    previous one stopped)."""
 
     below: float | None = None
     exclude: frozenset[int] = field(default_factory=frozenset)
+    allow: frozenset[int] | None = None
 
 
 Hit = tuple[int, float]
@@ -164,6 +166,10 @@ class NumpyStore(RowMap):
         for i, flt in enumerate(filters or ()):
             if flt is None:
                 continue
+            if flt.allow is not None:
+                keep = np.zeros(self._size, bool)
+                keep[[r for d in flt.allow if (r := self._row_of.get(d)) is not None]] = True
+                scores[i, ~keep] = -np.inf
             if flt.below is not None:
                 scores[i, scores[i] > flt.below] = -np.inf
             rows = [r for d in flt.exclude if (r := self._row_of.get(d)) is not None]
