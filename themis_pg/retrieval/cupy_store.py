@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter
+from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter, hits
 
 log = logging.getLogger(__name__)
 
-GROUP = 32          # rows per group for the group-maximum pruning
+GROUP = 32          # fewest rows per group for the group-maximum pruning
+MAX_GROUP = 256     # most rows per group (candidates per kept group)
+TARGET_GROUPS = 8192  # groups per query beyond which the group size doubles
 MARGIN = 16         # extra groups and extra rows rescored beyond k
 CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
 
@@ -54,10 +56,13 @@ __device__ __forceinline__ unsigned int key_of(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/* One block (a multiple of 32 threads) per row.  Atomics are aggregated per warp: the values
+   of one row share their top bits, so plain per-thread atomics would all hit one counter. */
 extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, const int k,
                                       long long* __restrict__ out) {
     const float* row = x + (long long)blockIdx.x * n;
     long long* dst = out + (long long)blockIdx.x * k;
+    const unsigned int lane = threadIdx.x & 31u;
     __shared__ unsigned int hist[256];
     __shared__ unsigned int prefix, mask;
     __shared__ int need, n_gt, n_eq;
@@ -67,9 +72,26 @@ extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, 
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
         __syncthreads();
         const unsigned int p = prefix, m = mask;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const unsigned int key = key_of(row[i]);
-            if ((key & m) == p) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        const int step = 4 * blockDim.x;  /* four loads in flight per thread */
+        for (int base = 0; base < n; base += step) {
+            float v[4];
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int i = base + j * blockDim.x + threadIdx.x;
+                v[j] = i < n ? row[i] : 0.0f;
+            }
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int i = base + j * blockDim.x + threadIdx.x;
+                unsigned int bucket = 256u;
+                if (i < n) {
+                    const unsigned int key = key_of(v[j]);
+                    if ((key & m) == p) bucket = (key >> shift) & 255u;
+                }
+                const unsigned int peers = __match_any_sync(0xffffffffu, bucket);
+                if (bucket < 256u && lane == (unsigned int)(__ffs(peers) - 1))
+                    atomicAdd(&hist[bucket], (unsigned int)__popc(peers));
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -90,31 +112,128 @@ extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, 
     __syncthreads();
     const unsigned int kth = prefix;
     const int take_eq = need, first_eq = k - need;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const unsigned int key = key_of(row[i]);
-        if (key > kth) {
-            dst[atomicAdd(&n_gt, 1)] = i;
-        } else if (key == kth) {
-            const int pos = atomicAdd(&n_eq, 1);
+    const unsigned int below = (1u << lane) - 1u;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        unsigned int key = 0u;
+        if (i < n) key = key_of(row[i]);
+        const bool gt = i < n && key > kth, eq = i < n && key == kth;
+        const unsigned int gts = __ballot_sync(0xffffffffu, gt);
+        const unsigned int eqs = __ballot_sync(0xffffffffu, eq);
+        int gt_base = 0, eq_base = 0;
+        if (lane == 0) {
+            if (gts) gt_base = atomicAdd(&n_gt, __popc(gts));
+            if (eqs) eq_base = atomicAdd(&n_eq, __popc(eqs));
+        }
+        gt_base = __shfl_sync(0xffffffffu, gt_base, 0);
+        eq_base = __shfl_sync(0xffffffffu, eq_base, 0);
+        if (gt) dst[gt_base + __popc(gts & below)] = i;
+        if (eq) {
+            const int pos = eq_base + __popc(eqs & below);
             if (pos < take_eq) dst[first_eq + pos] = i;
         }
     }
 }
 """
-_kernels: dict[int, Any] = {}
+_GROUP_MAX = r"""
+#include <cuda_fp16.h>
+/* Maximum of each group of `group` consecutive scores of each row; one warp per group, lanes
+   read consecutive halves (coalesced), shuffles reduce.  Scores past `live` count as -inf, so
+   the last, partial group needs no padded copy. */
+extern "C" __global__ void group_max(const __half* __restrict__ s, const long long ld,
+                                     const int live, const int group, const int groups,
+                                     float* __restrict__ out, const long long out_ld,
+                                     const int out_offset, const int rows) {
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int row = (int)(warp / groups), g = (int)(warp % groups);
+    if (row >= rows) return;  /* whole warps only: every lane of a warp leaves together */
+    float best = __int_as_float(0xff800000);  /* -inf */
+    const __half* base = s + (long long)row * ld;
+    for (int j = g * group + lane; j < (g + 1) * group; j += 32) {
+        if (j < live) best = fmaxf(best, __half2float(base[j]));
+    }
+    #pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, off));
+    if (lane == 0) out[(long long)row * out_ld + out_offset + g] = best;
+}
+"""
+_EXACT_RANK = r"""
+/* Exact fp32 scores of c candidate rows per query, then the best k in order (score
+   descending, row ascending) by ranking: every candidate counts those that beat it.  One block
+   per query; c <= 64.  Rows < 0 are no candidates (score -inf). */
+extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* __restrict__ full,
+                                      const long long* __restrict__ cand, const int c,
+                                      const int d, const int k, long long* __restrict__ out_rows,
+                                      float* __restrict__ out_scores) {
+    __shared__ float score[64];
+    __shared__ long long rowv[64];
+    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const float* qb = q + (long long)b * d;
+    for (int j = warp; j < c; j += warps) {
+        const long long r = cand[(long long)b * c + j];
+        float acc = 0.0f;
+        if (r >= 0) {
+            const float* v = full + r * d;
+            for (int i = lane; i < d; i += 32) acc += qb[i] * v[i];
+        }
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) {
+            score[j] = r >= 0 ? acc : __int_as_float(0xff800000);
+            rowv[j] = r >= 0 ? r : 0x7fffffffffffffffLL;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < c) {
+        const int j = threadIdx.x;
+        const float s = score[j];
+        const long long r = rowv[j];
+        int rank = 0;
+        for (int o = 0; o < c; ++o) {
+            const float so = score[o];
+            rank += (so > s) || (so == s && (rowv[o] < r || (rowv[o] == r && o < j)));
+        }
+        if (rank < k) {
+            out_rows[(long long)b * k + rank] = r == 0x7fffffffffffffffLL ? -1 : r;
+            out_scores[(long long)b * k + rank] = s;
+        }
+    }
+}
+"""
+_kernels: dict[tuple[int, str], Any] = {}
+
+
+def _kernel(cp: Any, source: str, name: str) -> Any:
+    key = (cp.cuda.Device().id, name)
+    if key not in _kernels:
+        _kernels[key] = cp.RawKernel(source, name)
+    return _kernels[key]
+
+
+def group_max(cp: Any, scores: Any, live: int, group: int, out: Any, offset: int) -> None:
+    """out[:, offset:offset + groups] = maxima of each group of ``scores`` (b, >= live) fp16."""
+    b = scores.shape[0]
+    groups = -(-live // group)
+    warps = b * groups
+    threads = 256
+    blocks = -(-warps * 32 // threads)
+    _kernel(cp, _GROUP_MAX, "group_max")(
+        (blocks,), (threads,),
+        (scores, cp.int64(scores.shape[1]), cp.int32(live), cp.int32(group), cp.int32(groups),
+         out, cp.int64(out.shape[1]), cp.int32(offset), cp.int32(b)))
 
 
 def radix_topk(cp: Any, x: Any, k: int) -> Any:
     """Column indices (b, k), unordered, of the k largest values of each row of ``x`` (b, n)
     float32 on the GPU; ``k`` must be at most n."""
-    device = cp.cuda.Device().id
-    if device not in _kernels:
-        _kernels[device] = cp.RawKernel(_RADIX_TOPK, "radix_topk")
     x = cp.ascontiguousarray(x, dtype=cp.float32)
     b, n = x.shape
     out = cp.empty((b, k), cp.int64)
     if b and k:
-        _kernels[device]((b,), (256,), (x, cp.int32(n), cp.int32(k), out))
+        _kernel(cp, _RADIX_TOPK, "radix_topk")((b,), (512,), (x, cp.int32(n), cp.int32(k), out))
     return out
 
 
@@ -204,57 +323,73 @@ class CupyStore(RowMap):
                 rows, scores = self._search_plain(q32, min(n, size))
             rows_h = cp.asnumpy(rows)
             scores_h = cp.asnumpy(scores)
-        ids = self._ids
-        return [[(int(ids[r]), float(s)) for r, s in zip(rr, ss, strict=True)
-                 if r >= 0 and s != -np.inf]
-                for rr, ss in zip(rows_h, scores_h, strict=True)]
+        return hits(self._ids, rows_h, scores_h)
 
     def _exact_top(self, q32: Any, cand: Any, k: int) -> tuple[Any, Any]:
-        """Rescore candidate rows (b, c) exactly in fp32; the best k, ties by lower row."""
+        """Rescore candidate rows (b, c) exactly in fp32; the best k, ties by lower row.
+
+        Up to 64 candidates: one kernel (``exact_rank``).  More (paged rounds asking for many
+        rows): one sort, the order-preserving bits of the score in the high half of a 64-bit
+        key, the complement of the row in the low half."""
         cp = self._cp
+        b, c = cand.shape
+        if c <= 64 and k <= c:
+            cand = cp.ascontiguousarray(cand, dtype=cp.int64)
+            rows = cp.full((b, k), -1, cp.int64)
+            scores = cp.full((b, k), -cp.inf, cp.float32)
+            _kernel(cp, _EXACT_RANK, "exact_rank")(
+                (b,), (256,), (cp.ascontiguousarray(q32), self._full, cand, cp.int32(c),
+                               cp.int32(self.dim), cp.int32(k), rows, scores))
+            return rows, scores
         valid = cand >= 0
         safe = cp.where(valid, cand, 0)
-        exact = cp.einsum("bd,bcd->bc", q32, self._full[safe])
+        exact = (self._full[safe] * q32[:, None, :]).sum(axis=2)
         exact = cp.where(valid, exact, -cp.inf).astype(cp.float32)
-        # CuPy's lexsort is 1-D only: sort rows ascending first, then a stable sort by score
-        by_row = cp.argsort(cp.where(valid, safe, cp.iinfo(cp.int64).max), axis=1)
-        rows_sorted = cp.take_along_axis(cand, by_row, axis=1)
-        exact_sorted = cp.take_along_axis(exact, by_row, axis=1)
-        by_score = cp.argsort(-exact_sorted, axis=1, kind="stable")[:, :k]
-        return (cp.take_along_axis(rows_sorted, by_score, axis=1),
-                cp.take_along_axis(exact_sorted, by_score, axis=1))
+        bits = exact.view(cp.uint32).astype(cp.uint64)
+        order_bits = cp.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+        key = (order_bits << 32) | (0xFFFFFFFF - safe.astype(cp.uint64))
+        by = cp.argsort(key, axis=1)[:, ::-1][:, :k]
+        return cp.take_along_axis(cand, by, axis=1), cp.take_along_axis(exact, by, axis=1)
 
     def _search_plain(self, q32: Any, k: int) -> tuple[Any, Any]:
+        """Chunk by chunk: fp16 scores, the best groups of the chunk by their maxima, their
+        scores gathered while the chunk is at hand; then one selection over all chunks'
+        candidates and the exact rescoring of the best ``k + MARGIN``."""
         cp = self._cp
         size = self._size
         b = q32.shape[0]
         q16 = q32.astype(cp.float16)
-        groups = -(-size // GROUP)
-        padded = groups * GROUP
-        keep_groups = min(groups, k + MARGIN)
-        keep_rows = min(keep_groups * GROUP, k + MARGIN)
-        chunk_rows = max(GROUP, (CHUNK_BYTES // (2 * b)) // GROUP * GROUP)
-        maxima = cp.empty((b, groups), cp.float32)
-        for start in range(0, padded, chunk_rows):
-            stop = min(start + chunk_rows, padded)
-            live = min(stop, size) - start
-            scores = cp.full((b, stop - start), -cp.inf, cp.float16)
-            scores[:, :live] = q16 @ self._half[start:start + live].T
-            maxima[:, start // GROUP: stop // GROUP] = scores.reshape(b, -1, GROUP).max(axis=2)
-        if keep_groups < groups:
-            top_groups = radix_topk(cp, maxima, keep_groups)
-        else:
-            top_groups = cp.broadcast_to(cp.arange(groups), (b, groups))
-        cand = (top_groups[:, :, None] * GROUP + cp.arange(GROUP)[None, None, :]).reshape(b, -1)
-        cand = cp.where(cand < size, cand, -1)
-        safe = cp.where(cand >= 0, cand, 0)
-        approx = cp.einsum("bd,bcd->bc", q16.astype(cp.float32),
-                           self._half[safe].astype(cp.float32))
-        approx = cp.where(cand >= 0, approx, -cp.inf)
-        if keep_rows < cand.shape[1]:
-            pick = radix_topk(cp, approx, keep_rows)
-            cand = cp.take_along_axis(cand, pick, axis=1)
-        return self._exact_top(q32, cand, k)
+        keep = k + MARGIN
+        # groups of at least GROUP rows, about TARGET_GROUPS of them: short rows of maxima
+        # for the one-block-per-query selection, few candidates per group kept
+        group = GROUP
+        while size // group > TARGET_GROUPS and group < MAX_GROUP:
+            group *= 2
+        chunk_rows = max(group, (CHUNK_BYTES // (2 * b)) // group * group)
+        cand_rows, cand_scores = [], []
+        lanes = cp.arange(group)
+        for start in range(0, size, chunk_rows):
+            live = min(start + chunk_rows, size) - start
+            scores = q16 @ self._half[start:start + live].T  # (b, live) fp16
+            groups = -(-live // group)
+            if keep < groups:
+                maxima = cp.empty((b, groups), cp.float32)
+                group_max(cp, scores, live, group, maxima, 0)
+                top = radix_topk(cp, maxima, keep)
+            else:
+                top = cp.broadcast_to(cp.arange(groups), (b, groups))
+            cols = (top[:, :, None] * group + lanes).reshape(b, -1)
+            inside = cols < live
+            vals = cp.take_along_axis(scores, cp.where(inside, cols, 0), axis=1)
+            cand_scores.append(cp.where(inside, vals.astype(cp.float32), -cp.inf))
+            cand_rows.append(cols + start)
+        rows = cp.concatenate(cand_rows, axis=1)
+        approx = cp.concatenate(cand_scores, axis=1)
+        if keep < rows.shape[1]:
+            pick = radix_topk(cp, approx, keep)
+            rows = cp.take_along_axis(rows, pick, axis=1)
+            approx = cp.take_along_axis(approx, pick, axis=1)
+        return self._exact_top(q32, cp.where(approx == -cp.inf, -1, rows), k)
 
     def _search_filtered(self, q32: Any, n: int,
                          filters: Sequence[SearchFilter | None]) -> tuple[Any, Any]:

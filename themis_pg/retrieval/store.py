@@ -62,6 +62,17 @@ class VectorStore(Protocol):
         ...
 
 
+def hits(ids: IdArray, rows: npt.NDArray[np.int64],
+         scores: npt.NDArray[np.float32]) -> list[list[Hit]]:
+    """(id, score) lists from (b, k) row and score arrays; rows < 0 or scores of -inf are no
+    hits.  Vectorised: a Python loop over NumPy scalars costs about 1 us each."""
+    valid = (rows >= 0) & (scores != -np.inf)
+    id_rows = ids[np.where(valid, rows, 0)].tolist()
+    score_rows = scores.astype(np.float64).tolist()
+    return [[(i, s) for i, s, ok in zip(ir, sr, vr, strict=True) if ok]
+            for ir, sr, vr in zip(id_rows, score_rows, valid.tolist(), strict=True)]
+
+
 class RowMap:
     """The bookkeeping every store shares: ids by row, rows by id, and O(1) swap-deletes.
 
@@ -175,6 +186,4 @@ class NumpyStore(RowMap):
             rows = [r for d in flt.exclude if (r := self._row_of.get(d)) is not None]
             scores[i, rows] = -np.inf
         rows_out, scores_out = select_top_k(scores, n)
-        ids = self._ids[: self._size]
-        return [[(int(ids[r]), float(s)) for r, s in zip(rr, ss, strict=True) if s != -np.inf]
-                for rr, ss in zip(rows_out, scores_out, strict=True)]
+        return hits(self._ids, rows_out, scores_out)
