@@ -220,5 +220,9 @@ SELECT 'doc', NULL, NULL, NULL, NULL, NULL, NULL, NULL, d.id, NULL, d.embedding,
        CASE WHEN d.embedding IS NULL THEN d.content END
   FROM wanted w JOIN themis.documents d ON d.id = w.id;
 
+-- name: filter_matches
+-- The documents a metadata filter admits (jsonb containment, GIN index from revision 0002).
+SELECT coalesce(array_agg(id), '{}') FROM themis.documents WHERE metadata @> %(filter)s::jsonb;
+
 -- name: config
 SELECT key, value FROM themis.config;

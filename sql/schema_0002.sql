@@ -8,6 +8,10 @@ ALTER TABLE themis.jobs SET UNLOGGED;
 ALTER SEQUENCE themis.jobs_id_seq SET LOGGED;
 ALTER TABLE themis.workers SET UNLOGGED;
 
+-- Metadata filters (themis_search(..., filter => '{"lang": "en"}')) are jsonb containment;
+-- the worker finds the matching ids with this index.
+CREATE INDEX documents_metadata_idx ON themis.documents USING gin (metadata jsonb_path_ops);
+
 INSERT INTO themis.config (key, value, description) VALUES
     ('max_candidates', '100000', 'most candidate ids one search job may ask for'),
     ('max_context_chars', '16000', 'longest document text handed to generation, in characters');

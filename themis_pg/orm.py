@@ -399,16 +399,18 @@ _K = Param("k", Integer(), 5)
 _MAX_TOKENS = Param("max_tokens", Integer(), None)
 _TEMPERATURE = Param("temperature", Double(), 0.0)
 _TIMEOUT = Param("timeout_s", Double(), None)
+_FILTER = Param("filter", JSONB(), None)
 
 
 class themis_rag(_ThemisFunction[str]):
-    """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL) -> text``:
+    """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL, filter=NULL)
+    -> text``:
     the generated answer, grounded in the top ``k`` documents the caller may read."""
 
     name = "themis_rag"
     type = Text()
     inherit_cache = True
-    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
 
 
 class themis_rag_json(_ThemisFunction[Any]):
@@ -418,7 +420,7 @@ class themis_rag_json(_ThemisFunction[Any]):
     name = "themis_rag_json"
     type = JSONB()
     inherit_cache = True
-    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT)
+    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
 
 
 class themis_generate(_ThemisFunction[str]):
@@ -453,7 +455,7 @@ class _themis_search_fn(_ThemisFunction[Any]):
 
     name = "themis_search"
     inherit_cache = True
-    signature = (_QUERY, _K, _TIMEOUT)
+    signature = (_QUERY, _K, _TIMEOUT, _FILTER)
     returns_table = (
         ("id", BigInteger()),
         ("score", REAL()),
@@ -463,7 +465,7 @@ class _themis_search_fn(_ThemisFunction[Any]):
 
 
 def themis_search(*args: Any, name: str | None = None, **kwargs: Any) -> TableValuedAlias:
-    """``themis_search(query, k=5, timeout_s=NULL)`` as a FROM item with typed columns
+    """``themis_search(query, k=5, timeout_s=NULL, filter=NULL)`` as a FROM item with typed columns
     ``id`` (int), ``score`` (float, higher is closer), ``content`` (str), ``metadata`` (dict).
 
     Rows come back best first (keep that order with ``order_by(t.c.score.desc())`` when

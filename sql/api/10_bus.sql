@@ -94,6 +94,10 @@ BEGIN
             RAISE EXCEPTION 'cursor ''exclude'' must be a list of document ids'
                 USING ERRCODE = '22023';
         END IF;
+        IF p ? 'filter' AND jsonb_typeof(p -> 'filter') NOT IN ('object', 'null') THEN
+            RAISE EXCEPTION 'filter must be a jsonb object, e.g. ''{"lang": "en"}'''
+                USING ERRCODE = '22023';
+        END IF;
         IF p ? 'vector_b64' AND (jsonb_typeof(p -> 'vector_b64') <> 'string'
                                  OR length(p ->> 'vector_b64') > 350000) THEN
             RAISE EXCEPTION 'job payload''s ''vector_b64'' must be a base64 text'

@@ -26,23 +26,24 @@ $$;
 -- PL/Python implementations (internal).
 CREATE OR REPLACE FUNCTION themis.rag_py(
     query text, k integer, max_tokens integer, temperature double precision,
-    timeout_s double precision, as_json boolean
+    timeout_s double precision, as_json boolean, filter jsonb
 ) RETURNS text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 import json
 from themis_pl import api
 result = api.rag(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
-                 timeout_s=timeout_s)
+                 timeout_s=timeout_s, filter=filter)
 return json.dumps(result) if as_json else result["answer"]
 $$;
 
-CREATE OR REPLACE FUNCTION themis.search_py(query text, k integer, timeout_s double precision)
+CREATE OR REPLACE FUNCTION themis.search_py(query text, k integer, timeout_s double precision,
+                                            filter jsonb)
 RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 from themis_pl import api
-return api.search_rows(plpy, GD, query, k, timeout_s=timeout_s)
+return api.search_rows(plpy, GD, query, k, timeout_s=timeout_s, filter=filter)
 $$;
 
 CREATE OR REPLACE FUNCTION themis.embed_py(input text, timeout_s double precision)
@@ -66,13 +67,14 @@ $$;
 -- Public functions.
 CREATE OR REPLACE FUNCTION public.themis_rag(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
-    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
+    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
+    filter jsonb DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
-    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false);
+    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false, filter);
 EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
@@ -81,13 +83,14 @@ $$;
 
 CREATE OR REPLACE FUNCTION public.themis_rag_json(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
-    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL
+    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
+    filter jsonb DEFAULT NULL
 ) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
-    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true)::jsonb;
+    RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true, filter)::jsonb;
 EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
@@ -95,13 +98,14 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION public.themis_search(
-    query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL
+    query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL,
+    filter jsonb DEFAULT NULL
 ) RETURNS TABLE (id bigint, score real, content text, metadata jsonb)
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
-    RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s);
+    RETURN QUERY SELECT * FROM themis.search_py(query, k, timeout_s, filter);
 EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);

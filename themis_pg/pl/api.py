@@ -78,6 +78,18 @@ def validate_max_tokens(value: Any) -> int | None:
     return int(value)
 
 
+def validate_filter(value: Any) -> dict[str, Any] | None:
+    """A metadata filter: a jsonb object (PL/Python hands jsonb over as its text)."""
+    if value is None:
+        return None
+    parsed = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(parsed, dict):
+        kind = "array" if isinstance(parsed, list) else type(parsed).__name__
+        raise PLError(f"filter must be a jsonb object, e.g. '{{\"lang\": \"en\"}}', "
+                      f"not a {kind}", sqlstate="22023")
+    return parsed
+
+
 def validate_float(value: Any, name: str, low: float, high: float,
                    default: float | None) -> float | None:
     if value is None:
@@ -207,8 +219,9 @@ def next_cursor(seen: dict[int, float], last_score: float) -> SearchCursor:
         i for i, s in seen.items() if s <= last_score + CURSOR_SLACK)))
 
 
-def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, Any]],
-                                                                dict[str, Any]]:
+def top_k_visible(session: Session, query: str, k: int,
+                  flt: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]],
+                                                             dict[str, Any]]:
     """The k best documents the caller can see, best first, and the search's stats.
 
     Candidates come from the worker, which sees every row; those the caller cannot read are
@@ -222,7 +235,8 @@ def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, 
     cursor: SearchCursor | None = None
     vector: str | None = None
     for _ in range(MAX_SEARCH_ROUNDS):
-        result = session.run("search", SearchPayload(query, k, n, cursor, vector).to_json())
+        result = session.run("search",
+                             SearchPayload(query, k, n, cursor, vector, flt).to_json())
         stats["rounds"] += 1
         stats["embed_ms"] += result.get("embed_ms", 0.0)
         stats["search_ms"] += result.get("search_ms", 0.0)
@@ -244,14 +258,15 @@ def top_k_visible(session: Session, query: str, k: int) -> tuple[list[dict[str, 
 # -- entry points ----------------------------------------------------------------------------
 @_raises_sql_errors
 def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
-        temperature: Any = None, timeout_s: Any = None) -> dict[str, Any]:
+        temperature: Any = None, timeout_s: Any = None, filter: Any = None) -> dict[str, Any]:
     started = time.monotonic()
     query = validate_text(query, "query")
     k = validate_k(k)
+    flt = validate_filter(filter)
     max_tokens = validate_max_tokens(max_tokens)
     temperature = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
     session = Session(plpy, GD, timeout_s)
-    docs, stats = top_k_visible(session, query, k)
+    docs, stats = top_k_visible(session, query, k, flt)
     t_gen = time.monotonic()
     payload: dict[str, Any] = {
         "mode": "rag", "query": query, "temperature": temperature,
@@ -289,11 +304,12 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
 
 @_raises_sql_errors
 def search_rows(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *,
-                timeout_s: Any = None) -> list[dict[str, Any]]:
+                timeout_s: Any = None, filter: Any = None) -> list[dict[str, Any]]:
     query = validate_text(query, "query")
     k = validate_k(k)
+    flt = validate_filter(filter)
     session = Session(plpy, GD, timeout_s)
-    docs, _ = top_k_visible(session, query, k)
+    docs, _ = top_k_visible(session, query, k, flt)
     return [{"id": d["id"], "score": d["score"], "content": d["content"],
              "metadata": d["metadata"]} for d in docs]
 

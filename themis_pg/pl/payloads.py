@@ -76,6 +76,7 @@ class SearchPayload:
     n: int
     cursor: SearchCursor | None = None
     vector_b64: str | None = None
+    filter: dict[str, Any] | None = None  # jsonb containment on documents.metadata
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"query": self.query, "k": self.k, "n": self.n}
@@ -83,6 +84,8 @@ class SearchPayload:
             out["cursor"] = {"score": self.cursor.score, "exclude": list(self.cursor.exclude)}
         if self.vector_b64 is not None:
             out["vector_b64"] = self.vector_b64
+        if self.filter is not None:
+            out["filter"] = self.filter
         return out
 
 
@@ -174,7 +177,10 @@ def _search(payload: dict[str, Any], limits: Limits) -> SearchPayload:
     if vector is not None and (not isinstance(vector, str)
                                or not 0 < len(vector) <= MAX_VECTOR_B64_CHARS):
         raise PayloadError("job payload's 'vector_b64' must be a base64 text")
-    return SearchPayload(query, k, n, cursor, vector)
+    flt = payload.get("filter")
+    if flt is not None and not isinstance(flt, dict):
+        raise PayloadError("filter must be a jsonb object, e.g. '{\"lang\": \"en\"}'")
+    return SearchPayload(query, k, n, cursor, vector, flt)
 
 
 def _contexts(raw: Any, limits: Limits) -> tuple[Context, ...]:

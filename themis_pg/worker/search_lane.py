@@ -8,6 +8,7 @@ before submitting: read-your-writes), then one statement that finishes the whole
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from ..bus.jobs import Finished, Job, JobStore
+from ..bus.queries import query
 from ..errors import ModelMismatch
 from ..pl.payloads import CURSOR_SLACK, EmbedPayload, SearchPayload
 from ..retrieval.store import SearchFilter
@@ -104,7 +106,7 @@ class SearchLane(Lane):
             elif isinstance(payload, EmbedPayload):
                 embeds.append((job, payload))
         if searches:
-            done += self._search(searches)
+            done += self._search(searches, self._filter_matches(searches))
         if embeds:
             vectors = worker.embedder.embed([p.text for _, p in embeds])
             done += [Finished(job, {"embedding": [round(float(x), 7) for x in vector],
@@ -112,7 +114,22 @@ class SearchLane(Lane):
                      for (job, _), vector in zip(embeds, vectors, strict=True)]
         self.finish(done)
 
-    def _search(self, searches: list[tuple[Job, SearchPayload]]) -> list[Finished]:
+    def _filter_matches(self, searches: list[tuple[Job, SearchPayload]]
+                        ) -> dict[str, frozenset[int]]:
+        """The ids each distinct metadata filter of the batch admits, one round trip for all
+        (pipelined); read after the claim, so a caller's committed rows are seen."""
+        wanted = sorted({json.dumps(p.filter, sort_keys=True) for _, p in searches
+                         if p.filter is not None})
+        if not wanted:
+            return {}
+        conn = self.db.get()
+        with conn.pipeline():
+            cursors = [conn.execute(query("filter_matches"), {"filter": f}) for f in wanted]
+        return {f: frozenset(int(i) for i in (cur.fetchone() or [[]])[0])
+                for f, cur in zip(wanted, cursors, strict=True)}
+
+    def _search(self, searches: list[tuple[Job, SearchPayload]],
+                matches: dict[str, frozenset[int]]) -> list[Finished]:
         """One embedding call for the queries that need one, one top-k for the batch."""
         worker = self.worker
         index = worker.index
@@ -132,9 +149,7 @@ class SearchLane(Lane):
         if to_embed:
             vectors[to_embed] = worker.embedder.embed([searches[i][1].query for i in to_embed])
         t1 = time.perf_counter()
-        filters = [None if (c := searches[i][1].cursor) is None else
-                   SearchFilter(below=c.score + CURSOR_SLACK, exclude=frozenset(c.exclude))
-                   for i in usable]
+        filters = [self._store_filter(searches[i][1], matches) for i in usable]
         width = max((searches[i][1].n for i in usable), default=0)
         hits = index.search(vectors[usable], width, filters) if usable else []
         t2 = time.perf_counter()
@@ -155,3 +170,18 @@ class SearchLane(Lane):
                 result["vector_b64"] = encode_vector(vectors[i])
             done.append(Finished(job, result))
         return done
+
+    @staticmethod
+    def _store_filter(payload: SearchPayload,
+                      matches: dict[str, frozenset[int]]) -> SearchFilter | None:
+        """What the store must restrict this query to: a paged round's cursor and the rows
+        its metadata filter admits (None: nothing)."""
+        allow = None if payload.filter is None else \
+            matches[json.dumps(payload.filter, sort_keys=True)]
+        cursor = payload.cursor
+        if cursor is None and allow is None:
+            return None
+        return SearchFilter(
+            below=None if cursor is None else cursor.score + CURSOR_SLACK,
+            exclude=frozenset(cursor.exclude) if cursor is not None else frozenset(),
+            allow=allow)
