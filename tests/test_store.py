@@ -148,3 +148,15 @@ def test_allow_restricts_to_matching_ids(kind):
     assert len(got[1]) == 10 and not {i for i, _ in got[1]} <= allowed
     few = store.search(query[:1], 10, [SearchFilter(allow=frozenset({3, 4, 99_999}))])[0]
     assert sorted(i for i, _ in few) == [3, 4]
+
+
+def test_make_store_picks_the_device():
+    from themis_pg.retrieval.store import make_store
+
+    assert isinstance(make_store(8, "cpu"), NumpyStore)
+    assert isinstance(make_store(8, "auto"), NumpyStore) == (not cupy_available())
+    with pytest.raises(ValueError, match="unknown retrieval device"):
+        make_store(8, "tpu")
+    if not cupy_available():
+        with pytest.raises(ValueError, match="not available"):
+            make_store(8, "cuda:0")

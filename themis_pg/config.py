@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
     )
+    retrieval_device: str = Field(
+        default="auto",
+        description="Where the worker keeps the embedding matrix: 'auto' (the GPU when CuPy "
+        "sees one, else host memory), 'cpu', or 'cuda' / 'cuda:N'.",
+    )
     worker_id: str | None = Field(
         default=None,
         description="Identity of this worker in themis.workers; must be unique per start "

@@ -187,3 +187,20 @@ class NumpyStore(RowMap):
             scores[i, rows] = -np.inf
         rows_out, scores_out = select_top_k(scores, n)
         return hits(self._ids, rows_out, scores_out)
+
+
+def make_store(dim: int, device: str = "auto") -> VectorStore:
+    """The store for ``device`` ('auto', 'cpu', 'cuda', 'cuda:N'); 'auto' takes the GPU when
+    CuPy sees one.  Asking for CUDA where there is none is an error, not a silent fallback."""
+    from .cupy_store import CupyStore, cupy_available
+
+    if device == "cpu" or (device == "auto" and not cupy_available()):
+        return NumpyStore(dim)
+    if device == "auto":
+        device = "cuda:0"
+    if not device.startswith("cuda") or not cupy_available():
+        raise ValueError(f"retrieval device {device!r} is not available (CuPy sees no GPU)"
+                         if device.startswith("cuda") else
+                         f"unknown retrieval device {device!r}: use auto, cpu or cuda:N")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    return CupyStore(dim, device_id=index)

@@ -33,6 +33,7 @@ from ..models import verify_registered_model
 from ..models.registry import get_model
 from ..pl.payloads import Limits
 from ..retrieval.index import EmbeddingIndex
+from ..retrieval.store import make_store
 from .connections import connect
 from .generate_lane import GenerateLane
 from .housekeeper import Housekeeper
@@ -69,7 +70,8 @@ class Worker:
         # The files must still be what was registered (sha256, cached by file identity).
         self.embedder = Embedder(verify_registered_model(emb, cache_dir=settings.model_cache),
                                  emb.name, n_threads=settings.n_threads)
-        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name)
+        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name,
+                                    make_store(self.embedder.dim, settings.retrieval_device))
         self.engine: GenerationEngine | None = None
         if gen is not None:
             generator = LlamaGenerator(
