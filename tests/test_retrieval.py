@@ -8,7 +8,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from themis_pg.retrieval.index import EmbeddingIndex, normalize, parse_binary_copy
+from themis_pg.retrieval import loader
+from themis_pg.retrieval.index import EmbeddingIndex, normalize
+from themis_pg.retrieval.loader import parse_block
 from themis_pg.retrieval.topk import top_k
 
 
@@ -38,41 +40,41 @@ def test_top_k_empty_matrix():
     assert rows.shape == (2, 0) and scores.shape == (2, 0)
 
 
-def _copy_stream(rows: list[tuple[int, list[float]]]) -> bytes:
-    out = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
-    for doc_id, vec in rows:
-        out += struct.pack(">hiq", 2, 8, doc_id)
-        out += struct.pack(">ihh", 4 + 4 * len(vec), len(vec), 0)
-        out += struct.pack(f">{len(vec)}f", *vec)
-    out += struct.pack(">h", -1)
-    return bytes(out)
-
-
-def test_parse_binary_copy_round_trip():
-    rows = [(7, [1.0, 2.0, 3.0]), (9, [-1.5, 0.0, 0.25])]
-    ids, vecs = parse_binary_copy(_copy_stream(rows), 3)
-    assert ids.tolist() == [7, 9]
-    assert vecs.tolist() == [[1.0, 2.0, 3.0], [-1.5, 0.0, 0.25]]
-
-
-def test_parse_binary_copy_rejects_other_dims():
+def test_parse_block_round_trip():
+    ids = struct.pack(">qq", 7, 9)
+    vecs = (struct.pack(">hh3f", 3, 0, 1.0, 2.0, 3.0) + struct.pack(">hh3f", 3, 0, -1.5, 0.0, 0.25))
+    got_ids, got = parse_block(2, ids, vecs, 3)
+    assert got_ids.tolist() == [7, 9]
+    assert got.tolist() == [[1.0, 2.0, 3.0], [-1.5, 0.0, 0.25]]
     with pytest.raises(ValueError):
-        parse_binary_copy(_copy_stream([(1, [1.0, 2.0])]), 3)
+        parse_block(2, ids, vecs, 2)
 
 
-def test_parse_matches_real_copy(migrated_db):
-    """The parser reads what PostgreSQL + pgvector actually send."""
+@pytest.mark.parametrize("connections", [1, 3])
+def test_load_reads_what_postgres_sends_on_one_snapshot(migrated_db, connections, monkeypatch):
+    """Blocks over several connections give exactly the rows of one snapshot: a row committed
+    after the snapshot was taken is not in the load."""
+    monkeypatch.setattr(loader, "BLOCK_ROWS", 7)  # many blocks even for a small table
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((200, 3)).astype(np.float32)
     with psycopg.connect(migrated_db, autocommit=True) as conn:
-        conn.execute("INSERT INTO themis.documents (id, content, embedding) VALUES "
-                     "(11, 'a', '[1,2,3]'), (12, 'b', '[0.5,-4,1e-3]')")
-        buf = bytearray()
-        with conn.cursor().copy("COPY (SELECT id, embedding FROM themis.documents ORDER BY id) "
-                                "TO STDOUT (FORMAT binary)") as copy:
-            for chunk in copy:
-                buf += chunk
-    ids, vecs = parse_binary_copy(buf, 3)
-    assert ids.tolist() == [11, 12]
-    np.testing.assert_allclose(vecs, [[1, 2, 3], [0.5, -4, 1e-3]], rtol=1e-6)
+        with conn.cursor().copy("COPY themis.documents (id, content, embedding) FROM STDIN") as cp:
+            for i, v in enumerate(vectors):
+                cp.write_row((i * 3 + 1, f"doc {i}", _vec(v)))
+        conn.execute("INSERT INTO themis.documents (id, content, embedding) "
+                     "VALUES (5000, 'other dim', '[1,2]')")
+    with psycopg.connect(migrated_db) as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SELECT 1")  # the snapshot is taken here
+        with psycopg.connect(migrated_db, autocommit=True) as late:
+            late.execute("INSERT INTO themis.documents (id, content, embedding) "
+                         "VALUES (9999, 'late', '[1,1,1]')")
+        ids, got = loader.load_embeddings(
+            conn, 3, connect=lambda: psycopg.connect(migrated_db, autocommit=True),
+            connections=connections)
+    order = np.argsort(ids)
+    assert ids[order].tolist() == [i * 3 + 1 for i in range(200)]
+    np.testing.assert_allclose(got[order], vectors, rtol=1e-6)
 
 
 def _vec(values):

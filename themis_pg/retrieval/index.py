@@ -1,8 +1,8 @@
 """The worker's copy of the document embeddings, kept current from the change log.
 
 The rows live in a ``VectorStore`` (store.py: NumPy here, CuPy on a GPU).  Loading reads
-``themis.documents`` with binary COPY and parses the stream with one NumPy structured dtype:
-no Python object per row.  After that, a sync applies only what changed:
+``themis.documents`` in blocks of thousands of rows per message, over several connections on
+one snapshot (loader.py): no Python object per row.  After that, a sync applies only what changed:
 
 * every write to ``themis.documents`` logs (seq, xid, doc_id) in ``themis.changes``;
 * a sync reads the changes whose writing transaction id is >= the oldest transaction that
@@ -29,44 +29,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
-from psycopg import sql
 
 from ..bus.queries import query
 from ..errors import ModelMismatch
+from .loader import load_embeddings
 from .store import Hit, NumpyStore, SearchFilter, VectorStore
 
 log = logging.getLogger(__name__)
 
 EmbedFn = Callable[[Sequence[str]], npt.NDArray[np.float32]]
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00"
-
-
-def copy_row_dtype(dim: int) -> np.dtype[Any]:
-    """One row of ``COPY (SELECT id, embedding) TO STDOUT (FORMAT binary)``, big-endian."""
-    return np.dtype([
-        ("nfields", ">i2"), ("id_len", ">i4"), ("id", ">i8"),
-        ("vec_len", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,)),
-    ])
-
-
-def parse_binary_copy(data: bytes | bytearray | memoryview,
-                      dim: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Ids and vectors from a binary COPY stream of (bigint, vector(dim)) rows."""
-    buf = memoryview(data)
-    if bytes(buf[:11]) != COPY_HEADER:
-        raise ValueError("not a PostgreSQL binary COPY stream")
-    ext_len = int.from_bytes(buf[15:19], "big")
-    body = buf[19 + ext_len: len(buf) - 2]  # the trailer is int16 -1
-    dtype = copy_row_dtype(dim)
-    if len(body) % dtype.itemsize:
-        raise ValueError("binary COPY stream has rows of unexpected size")
-    rows = np.frombuffer(body, dtype=dtype)
-    if rows.size and (np.any(rows["nfields"] != 2) or np.any(rows["dim"] != dim)
-                      or np.any(rows["vec_len"] != 4 + 4 * dim)):
-        raise ValueError("binary COPY stream has rows of another shape")
-    return rows["id"].astype(np.int64), rows["vec"].astype(np.float32)
-
-
 def normalize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
@@ -124,9 +95,15 @@ def parse_delta(rows: Sequence[Sequence[Any]]) -> Delta:
 class EmbeddingIndex:
     """Document ids and unit-norm embeddings in a store, kept current, searched exactly."""
 
-    def __init__(self, dim: int, model: str, store: VectorStore | None = None) -> None:
+    def __init__(self, dim: int, model: str, store: VectorStore | None = None, *,
+                 connect: Callable[[], psycopg.Connection[Any]] | None = None,
+                 load_connections: int = 4) -> None:
+        """``connect`` opens more connections to the same database, for loads read on
+        ``load_connections`` connections at once (loader.py); without it one is used."""
         self.dim = dim
         self.model = model
+        self.connect = connect
+        self.load_connections = load_connections
         self.store: VectorStore = store if store is not None else NumpyStore(dim)
         self.watermark: int | None = None
         self._seen: dict[int, int] = {}  # seq -> xid of applied changes at/above the watermark
@@ -151,15 +128,8 @@ class EmbeddingIndex:
                 query("changes_since"), {"watermark": str(watermark)})}
             # Rows committed without an embedding: embedded by the next sync.
             unembedded = {int(r[0]) for r in cur.execute(query("unembedded_documents"))}
-            stmt = sql.SQL(
-                "COPY (SELECT id, embedding FROM themis.documents "
-                "WHERE embedding IS NOT NULL AND vector_dims(embedding) = {}) "
-                "TO STDOUT (FORMAT binary)").format(sql.Literal(self.dim))
-            buf = bytearray()
-            with cur.copy(stmt) as copy:
-                for chunk in copy:
-                    buf += chunk
-        ids, vectors = parse_binary_copy(buf, self.dim)
+            ids, vectors = load_embeddings(conn, self.dim, connect=self.connect,
+                                           connections=self.load_connections)
         self.store.replace_all(ids, normalize(vectors))
         self.watermark, self._seen = int(watermark), seen
         self._pending = unembedded

@@ -71,7 +71,8 @@ class Worker:
         self.embedder = Embedder(verify_registered_model(emb, cache_dir=settings.model_cache),
                                  emb.name, n_threads=settings.n_threads)
         self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name,
-                                    make_store(self.embedder.dim, settings.retrieval_device))
+                                    make_store(self.embedder.dim, settings.retrieval_device),
+                                    connect=lambda: connect(dsn))
         self.engine: GenerationEngine | None = None
         if gen is not None:
             generator = LlamaGenerator(
