@@ -1,0 +1,135 @@
+"""Loading the embedding matrix from PostgreSQL: themis' block loader against one COPY.
+
+    python bench/load.py --dsn "host=/tmp port=5433 user=pguser dbname=postgres" \
+        --rows 1000000 --dim 384 --fill
+
+``--fill`` creates a minimal ``themis.documents (id, embedding vector)`` and fills it with
+random unit vectors through a binary COPY built with NumPy.  Then, for the peer (one binary
+``COPY (SELECT id, embedding) TO STDOUT`` parsed with one NumPy dtype, what the worker did
+before) and the block loader at several connection counts: seconds and rows/s to host memory,
+and, where CuPy sees a GPU, the host→device copy into a ``CupyStore``.  Every result is
+checked against the generated vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from themis_pg.retrieval import loader
+
+log = logging.getLogger("bench.load")
+
+
+def copy_rows_dtype(dim: int) -> np.dtype[Any]:
+    return np.dtype([("n", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"),
+                     ("dim", ">i2"), ("u", ">i2"), ("v", ">f4", (dim,))])
+
+
+def fill(dsn: str, rows: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS themis")
+        conn.execute("DROP TABLE IF EXISTS themis.documents")
+        conn.execute(f"CREATE TABLE themis.documents (id bigint PRIMARY KEY, "
+                     f"embedding vector({dim}))")
+        started = time.perf_counter()
+        with conn.cursor().copy("COPY themis.documents (id, embedding) FROM STDIN "
+                                "(FORMAT binary)") as copy:
+            copy.write(b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") * 2)
+            step = 50_000
+            for s in range(0, rows, step):
+                e = min(s + step, rows)
+                block = np.zeros(e - s, copy_rows_dtype(dim))
+                block["n"], block["l1"], block["l2"] = 2, 8, 4 + 4 * dim
+                block["id"] = np.arange(s + 1, e + 1)
+                block["dim"] = dim
+                block["v"] = vectors[s:e]
+                copy.write(block.tobytes())
+            copy.write((-1).to_bytes(2, "big", signed=True))
+        conn.execute("VACUUM ANALYZE themis.documents")
+        log.info("filled %d rows in %.1f s", rows, time.perf_counter() - started)
+    return vectors
+
+
+def peer_copy(dsn: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """One binary COPY, one message per row, parsed with one NumPy dtype."""
+    buf = bytearray()
+    with psycopg.connect(dsn) as conn, conn.cursor().copy(
+            "COPY (SELECT id, embedding FROM themis.documents) TO STDOUT (FORMAT binary)") as cp:
+        for chunk in cp:
+            buf += chunk
+    body = memoryview(buf)[19:len(buf) - 2]
+    rows = np.frombuffer(body, np.dtype([("n", ">i2"), ("l1", ">i4"), ("id", ">i8"),
+                                         ("l2", ">i4"), ("dim", ">i2"), ("u", ">i2"),
+                                         ("v", ">f4", (dim,))]))
+    return rows["id"].astype(np.int64), rows["v"].astype(np.float32)
+
+
+def themis_load(dsn: str, dim: int, connections: int) -> tuple[np.ndarray, np.ndarray]:
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        return loader.load_embeddings(conn, dim, connections=connections,
+                                      connect=lambda: psycopg.connect(dsn, autocommit=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dsn", required=True)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--fill", action="store_true")
+    ap.add_argument("--connections", default="1,4,8,16")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    expected = fill(args.dsn, args.rows, args.dim) if args.fill else None
+    results = []
+    runs: list[tuple[str, Any]] = [("one COPY (peer)", lambda: peer_copy(args.dsn, args.dim))]
+    runs += [(f"themis blocks, {c} conn", lambda c=c: themis_load(args.dsn, args.dim, int(c)))
+             for c in args.connections.split(",")]
+    for label, fn in runs:
+        fn()  # warm the server's cache
+        t0 = time.perf_counter()
+        ids, vecs = fn()
+        seconds = time.perf_counter() - t0
+        if expected is not None:
+            order = np.argsort(ids)
+            assert len(ids) == args.rows and np.array_equal(ids[order], np.arange(1, args.rows + 1))
+            assert np.array_equal(vecs[order], expected), label
+        gpu = None
+        try:
+            import cupy as cp
+
+            from themis_pg.retrieval.cupy_store import CupyStore
+
+            store = CupyStore(args.dim)
+            cp.cuda.Device().synchronize()
+            t1 = time.perf_counter()
+            store.replace_all(ids, vecs)
+            cp.cuda.Device().synchronize()
+            gpu = time.perf_counter() - t1
+            del store
+            cp.get_default_memory_pool().free_all_blocks()
+        except ImportError:
+            pass
+        results.append((label, seconds, gpu))
+        log.info("%s: %.2f s", label, seconds)
+    print(f"| path ({args.rows:,} x {args.dim}) | to host s | rows/s | to GPU s | total s |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, seconds, gpu in results:
+        total = seconds + (gpu or 0.0)
+        print(f"| {label} | {seconds:.2f} | {args.rows / seconds:,.0f} | "
+              f"{'–' if gpu is None else f'{gpu:.2f}'} | {total:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
