@@ -21,6 +21,11 @@ PostgreSQL processes (``--self-contained`` only: their pids are known there), an
 of each SQL call are read back from ``themis.jobs`` to split its time into queue wait, worker
 service and the rest.
 
+With ``--concurrency C`` a second table follows: both paths again, with 1 and with C sessions
+calling at once (see :class:`Concurrency` for what the in-process peer shares between its
+threads), p50/p95 per path and the overhead (SQL p50 − in-process p50) at each level, and
+its ratio to the 1-session overhead.  ``--runs 0`` skips the single-session table.
+
 Run against a database with the sample corpus and a live worker (``--dsn``, default
 ``THEMIS_DSN``), or with ``--self-contained`` to build and tear down a throwaway cluster and
 worker.  Progress goes to the log (stderr); the Markdown report goes to stdout.
@@ -34,12 +39,10 @@ import json
 import logging
 import os
 import shlex
-import socket
-import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,22 +50,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
+from _setup import QUESTIONS, cpu_model, git_revision, load_questions, self_contained_database
 
 from themis_pg.config import Settings, get_settings
-from themis_pg.db import connect, migrate
+from themis_pg.db import connect
 from themis_pg.embedding import Embedder
 from themis_pg.generation.llama import LlamaGenerator
-from themis_pg.models.registry import get_model, register_defaults
+from themis_pg.models.registry import get_model
 from themis_pg.pipeline import answer_in_process, search_batch
-from themis_pg.resources import sample_corpus_dir
 from themis_pg.retrieval.index import EmbeddingIndex
 
 log = logging.getLogger("bench.rag_latency")
 
-REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = REPO / "themis_pg" / "data" / "sample_questions.jsonl"
-BENCH_DB = "themis"
-WORKER_START_TIMEOUT_S = 300.0
 T = TypeVar("T")
 
 
@@ -117,32 +116,7 @@ class Summary:
                    mean=float(arr.mean()))
 
 
-# -- the environment ----------------------------------------------------------------------------
-def cpu_model() -> str:
-    """``model name`` from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + (" (with uncommitted changes)" if dirty else "")
-
-
+# -- CPU time ---------------------------------------------------------------------------------
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -190,98 +164,6 @@ class CpuMeter:
             end = after.get(key)
             out[key] = None if start is None or end is None else (end - start) * 1000
         return out
-
-
-def load_questions(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as fh:
-        questions = [str(json.loads(line)["question"]) for line in fh if line.strip()]
-    if len(questions) < 2:
-        raise SystemExit(f"{path}: need at least 2 questions (consecutive prompts must differ)")
-    return questions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_worker(dsn: str, proc: subprocess.Popen[bytes], log_path: Path,
-                     timeout: float = WORKER_START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"the worker exited with {proc.returncode} during start-up:\n{tail}")
-        with connect(dsn) as conn:
-            row = conn.execute("SELECT themis.live_worker_exists('search') "
-                               "AND themis.live_worker_exists('generate')").fetchone()
-            if row is not None and row[0]:
-                return
-        time.sleep(0.5)
-    raise SystemExit(f"no worker came up within {timeout:.0f} s; see {log_path}")
-
-
-@contextlib.contextmanager
-def worker_process(dsn: str, log_dir: Path, settings: Settings) -> Iterator[int]:
-    """A ``themis worker`` subprocess with this run's thread setting, stopped on exit."""
-    env = {**os.environ, "THEMIS_WORKER_ID": f"bench-{os.getpid()}",
-           "THEMIS_N_CTX": str(settings.n_ctx), "THEMIS_N_GPU_LAYERS": str(settings.n_gpu_layers),
-           "THEMIS_GENERATION_MODEL": settings.generation_model,
-           "THEMIS_EMBEDDING_MODEL": settings.embedding_model}
-    env.pop("THEMIS_N_THREADS", None)
-    if settings.n_threads is not None:
-        env["THEMIS_N_THREADS"] = str(settings.n_threads)
-    log_path = log_dir / "worker.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, "worker"],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.info("started worker pid %d (log %s)", proc.pid, log_path)
-    try:
-        _wait_for_worker(dsn, proc, log_path)
-        log.info("worker is live")
-        yield proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.info("worker stopped (exit status %s)", proc.returncode)
-
-
-@contextlib.contextmanager
-def self_contained_database(settings: Settings) -> Iterator[tuple[str, int]]:
-    """A throwaway embedded cluster with the schema, the default models, the sample corpus
-    and one worker; everything is removed on exit.  Yields the DSN and the worker's pid."""
-    from themis_pg.cluster import EmbeddedCluster
-    from themis_pg.ingest import ingest_paths
-
-    # Under /tmp, world-traversable: as root the server runs as another OS user.
-    home = Path(tempfile.mkdtemp(prefix="themis-bench-", dir="/tmp"))
-    home.chmod(0o755)
-    cluster = EmbeddedCluster(home, _free_port())
-    try:
-        cluster.init()
-        cluster.start()
-        cluster.ensure_database(BENCH_DB)
-        dsn = cluster.url(BENCH_DB)
-        log.info("migrating %s", dsn)
-        migrate(dsn)
-        with connect(dsn) as conn:
-            register_defaults(conn, settings.model_cache)
-            emb = get_model(conn, "embedding", settings.embedding_model or None)
-            with Embedder(emb.path, emb.name, n_threads=settings.n_threads) as embedder:
-                report = ingest_paths(conn, [sample_corpus_dir()], embedder, progress=False)
-        log.info("ingested the sample corpus: %s", vars(report))
-        with worker_process(dsn, home, settings) as worker_pid:
-            yield dsn, worker_pid
-    finally:
-        log.info("removing the throwaway cluster in %s", home)
-        cluster.destroy()
 
 
 # -- the measurement -----------------------------------------------------------------------
@@ -467,6 +349,280 @@ def _job_sum(m: Measured, key: str, kind: str | None = None) -> float | None:
     return float(sum(j[key] for j in m.jobs if kind is None or j["kind"] == kind))
 
 
+# -- concurrency -------------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One timed call of one session in a concurrent phase."""
+
+    session: int
+    question: str
+    wall_ms: float
+    answer: str | None = None
+    ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ConcurrentPhase:
+    """``sessions`` sessions calling one path back to back, started together."""
+
+    kind: str  # "search" or "rag"
+    path: str  # "sql" or "peer"
+    sessions: int
+    calls: list[Call]
+    wall_s: float
+    cpu_ms: dict[str, float | None]
+
+
+class _Serialised:
+    """``target`` with the named methods behind one lock (everything else passes through):
+    how the in-process peer shares one model between threads, as the worker does."""
+
+    def __init__(self, target: Any, *methods: str) -> None:
+        self._target = target
+        self._methods = set(methods)
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name not in self._methods:
+            return value
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+    def __len__(self) -> int:
+        return len(self._target)
+
+
+class Concurrency:
+    """The paths again, with ``sessions`` client threads at once.
+
+    SQL path: each thread has its own connection (so its own backend and bus connection)
+    and calls ``themis_search``/``themis_rag`` back to back.  In-process peer: each thread
+    calls ``search_batch``/``answer_in_process`` back to back on the bench's one embedder,
+    index and generator.  The embedder serialises its calls with its own lock (it is not
+    meant to be shared, but is safe to); the generator is put behind a lock here, as the
+    worker has one generation lane serving one request at a time; the index's sync (RAG
+    only) is behind a lock too, its search is read-only NumPy.  So the peer does the same
+    work with the same serialisation of the models, except that the worker's search lane
+    embeds all queued queries in one batch (up to THEMIS_SEARCH_BATCH) while the peer's
+    threads embed one query each, in turn.  RAG peer threads read documents on their own
+    connections.
+    """
+
+    def __init__(self, bench: Bench, dsn: str, questions: list[str], timeout_s: float) -> None:
+        self.bench = bench
+        self.dsn = dsn
+        self.questions = questions
+        self.timeout_s = timeout_s
+        self.index = _Serialised(bench.index, "sync")
+        self.generator = _Serialised(bench.generator, "generate")
+
+    def _call(self, kind: str, path: str, conn: psycopg.Connection[Any] | None,
+              question: str) -> Call:
+        b = self.bench
+        started = time.perf_counter()
+        call = Call(session=-1, question=question, wall_ms=0.0)
+        if path == "sql":
+            assert conn is not None
+            if kind == "search":
+                rows = conn.execute("SELECT id, score, content, metadata FROM "
+                                    "themis_search(%s, %s)", (question, b.k)).fetchall()
+                call.ids = [int(r[0]) for r in rows]
+            else:
+                row = conn.execute("SELECT themis_rag(%s, %s, %s, timeout_s => %s)",
+                                   (question, b.k, b.max_tokens, self.timeout_s)).fetchone()
+                call.answer = None if row is None else str(row[0])
+        elif kind == "search":
+            found = search_batch(self.index, b.embedder, [question], [b.k])  # type: ignore[arg-type]
+            call.ids = [h.id for h in found.hits[0]]
+        else:
+            assert conn is not None
+            result, _ = answer_in_process(conn, self.index, b.embedder,  # type: ignore[arg-type]
+                                          self.generator, question, b.k,  # type: ignore[arg-type]
+                                          max_tokens=b.max_tokens)
+            call.answer = result.answer
+        call.wall_ms = (time.perf_counter() - started) * 1000
+        return call
+
+    def phase(self, kind: str, path: str, sessions: int, per_session: int,
+              offset: int = 0) -> ConcurrentPhase:
+        """Each session makes one unmeasured search call (it opens the backend's bus
+        connection on the SQL path), waits for all the others, then ``per_session`` calls."""
+        needs_conn = path == "sql" or kind == "rag"
+        conns = [connect(self.dsn, application_name=f"themis_bench_{path}_{i}")
+                 if needs_conn else None for i in range(sessions)]
+        ready, go = threading.Barrier(sessions + 1), threading.Barrier(sessions + 1)
+        calls: list[list[Call]] = [[] for _ in range(sessions)]
+        errors: list[BaseException] = []
+
+        def session(i: int) -> None:
+            try:
+                self._call("search", path, conns[i], self.questions[i % len(self.questions)])
+                ready.wait()
+                go.wait()
+                for j in range(per_session):
+                    q = self.questions[(offset + i * per_session + j) % len(self.questions)]
+                    try:
+                        call = self._call(kind, path, conns[i], q)
+                    except psycopg.Error as exc:
+                        call = Call(session=i, question=q, wall_ms=float("nan"),
+                                    error=f"{exc.sqlstate}: {str(exc).strip()}")
+                    call.session = i
+                    calls[i].append(call)
+            except threading.BrokenBarrierError:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+                ready.abort()
+                go.abort()
+
+        threads = [threading.Thread(target=session, args=(i,), name=f"session-{i}")
+                   for i in range(sessions)]
+        try:
+            for t in threads:
+                t.start()
+            ready.wait()
+            if self.bench.meter.worker_pid:
+                self.bench.meter.find_server(self.bench.sql)
+            cpu_before = self.bench.meter.snapshot()
+            started = time.perf_counter()
+            go.wait()
+            for t in threads:
+                t.join()
+            wall_s = time.perf_counter() - started
+            cpu = CpuMeter.delta(cpu_before, self.bench.meter.snapshot())
+        except threading.BrokenBarrierError:
+            for t in threads:
+                t.join()
+            raise RuntimeError(f"a {path} session failed: {errors[0]!r}") from errors[0]
+        finally:
+            for c in conns:
+                if c is not None:
+                    c.close()
+        if errors:
+            raise RuntimeError(f"a {path} session failed: {errors[0]!r}") from errors[0]
+        flat = [c for per in calls for c in per]
+        failed = [c for c in flat if c.error]
+        log.info("%s %s x%d: %d calls in %.1f s%s", kind, path, sessions, len(flat), wall_s,
+                 f", {len(failed)} failed (first: {failed[0].error})" if failed else "")
+        return ConcurrentPhase(kind, path, sessions, flat, wall_s, cpu)
+
+
+def measure_concurrency(conc: Concurrency, levels: list[int], runs: dict[str, int],
+                        top: int) -> list[ConcurrentPhase]:
+    """For each level and kind, both paths (order swapped between levels).  Every level
+    makes the same number of calls: ``runs[kind]`` per session at the top level."""
+    phases = []
+    for n, level in enumerate(levels):
+        for kind in ("search", "rag"):
+            total = runs[kind] * top
+            per_session = -(-total // level)  # ceil
+            order = ("sql", "peer") if n % 2 == 0 else ("peer", "sql")
+            for path in order:
+                log.info("concurrency: %s, %s path, %d session(s) x %d calls", kind, path,
+                         level, per_session)
+                phases.append(conc.phase(kind, path, level, per_session))
+    return phases
+
+
+def concurrency_markdown(phases: list[ConcurrentPhase], meta: dict[str, Any],
+                         footer: bool = False) -> str:
+    def pick(kind: str, path: str, level: int) -> ConcurrentPhase:
+        return next(p for p in phases if (p.kind, p.path, p.sessions) == (kind, path, level))
+
+    k, max_tokens = meta["k"], meta["max_tokens"]
+    names = {"search": f"`themis_search(q, {k})` vs `search_batch`",
+             "rag": f"`themis_rag(q, {k}, {max_tokens})` vs `answer_in_process`"}
+    levels = sorted({p.sessions for p in phases})
+    lines = ["| call | sessions | calls | SQL p50 ms | SQL p95 ms | in-process p50 ms "
+             "| in-process p95 ms | CPU ms/call SQL / in-process | overhead p50 ms "
+             "(SQL − in-process) | overhead / 1-session overhead |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
+    for kind in ("search", "rag"):
+        base: float | None = None
+        for level in levels:
+            sql, peer = pick(kind, "sql", level), pick(kind, "peer", level)
+            ok_sql = [c.wall_ms for c in sql.calls if not c.error]
+            ok_peer = [c.wall_ms for c in peer.calls if not c.error]
+            if not ok_sql or not ok_peer:
+                lines.append(f"| {names[kind]} | {level} | {len(sql.calls)} | failed | | | | | | |")
+                continue
+            s, p = Summary.of(ok_sql), Summary.of(ok_peer)
+            overhead = s.p50 - p.p50
+            if level == 1:
+                base = overhead
+            ratio = "" if base is None or level == 1 or base == 0 else f"{overhead / base:.2f}x"
+            cpu = [_cpu_total(ph.cpu_ms) for ph in (sql, peer)]
+            cpu_text = "n/a" if None in cpu else " / ".join(
+                f"{c / max(len(ph.calls), 1):.0f}" for c, ph in zip(cpu, (sql, peer),  # type: ignore[operator]
+                                                                    strict=True))
+            lines.append(f"| {names[kind]} | {level} | {len(ok_sql)} | {s.p50:.1f} | "
+                         f"{s.p95:.1f} | {p.p50:.1f} | {p.p95:.1f} | {cpu_text} | "
+                         f"{overhead:+.1f} | {ratio} |")
+            failed = len(sql.calls) - len(ok_sql) + len(peer.calls) - len(ok_peer)
+            if failed:
+                first = next(c.error for c in sql.calls + peer.calls if c.error)
+                notes.append(f"- {kind} at {level} session(s): {failed} failed calls "
+                             f"(left out; first: {first})")
+            if kind == "rag":
+                by_q = {c.question: c.answer for c in peer.calls if not c.error}
+                pairs = [(c.answer, by_q[c.question]) for c in sql.calls
+                         if not c.error and c.question in by_q]
+                same = sum(1 for a, b in pairs if a == b)
+                notes.append(f"- rag at {level} session(s): the SQL answer equals the "
+                             f"in-process answer to the same question in {same}/{len(pairs)} "
+                             "calls")
+            else:
+                by_q_ids = {c.question: c.ids for c in peer.calls if not c.error}
+                pairs_ids = [(c.ids, by_q_ids[c.question]) for c in sql.calls
+                             if not c.error and c.question in by_q_ids]
+                same = sum(1 for a, b in pairs_ids if a == b)
+                notes.append(f"- search at {level} session(s): same top-{k} ids in "
+                             f"{same}/{len(pairs_ids)} calls")
+    top = max(levels)
+    lines += [
+        "",
+        f"- sessions: client threads started together, each on its own connection (SQL) or "
+        f"calling the in-process functions (peer), back to back; every level makes the same "
+        f"number of calls ({meta['concurrent_runs']['search']} search and "
+        f"{meta['concurrent_runs']['rag']} RAG calls per session at {top} sessions); p50 and "
+        "p95 over all calls of all sessions; each session makes one unmeasured search call "
+        "first (on the SQL path it opens that backend's bus connection)",
+        "- in-process peer: the bench's one embedder (its own lock serialises calls), one "
+        "index (read-only search) and one generator behind a lock, as the worker serves one "
+        "generation at a time; unlike the worker's search lane, which embeds every queued "
+        "query in one batch, the peer's threads embed one query each, in turn",
+        f"- themis_rag is called as `themis_rag(q, {k}, {max_tokens}, timeout_s => "
+        f"{meta['concurrent_timeout_s']:g})`: queued behind up to {top - 1} other answers, a "
+        "call can wait longer than the default timeout",
+        "- CPU ms/call: CPU of this process, the worker and the PostgreSQL processes over the "
+        "phase, divided by its calls (n/a unless --self-contained)",
+        "- overhead / 1-session overhead: the bar's ratio; it only means something when the "
+        "1-session overhead is positive and well above the run-to-run noise (with "
+        f"{top} sessions on few cores most of a call's time is queueing, on both paths)",
+        *notes,
+    ]
+    if footer:  # the single-session report, which has these, was not printed
+        threads = meta["n_threads"]
+        lines += [
+            f"- models: generation {meta['models']['generation']}, embedding "
+            f"{meta['models']['embedding']}; n_ctx {meta['n_ctx']}; llama.cpp threads "
+            f"(THEMIS_N_THREADS={threads['setting']}): {threads['generation']} for "
+            f"generation, {threads['batch']} for prompt/batch",
+            f"- machine: {meta['cpu']}, {meta['cores']} cores; load average "
+            f"{meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after (1 min)",
+            f"- date: {meta['date']}; revision: {meta['revision']}",
+            f"- command: `{meta['command']}`",
+        ]
+    return "\n".join(lines)
+
+
 # -- the report ---------------------------------------------------------------------------
 def markdown(report: Report) -> str:
     runs = report.runs
@@ -560,12 +716,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="JSON lines with a 'question' field (default: the sample set)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the raw timings here")
+    parser.add_argument("--concurrency", type=int, default=None, metavar="C",
+                        help="also measure both paths with 1 and with C sessions at once "
+                        "(a second table; with --runs 0 only that)")
+    parser.add_argument("--concurrent-runs", type=int, default=10,
+                        help="search calls per session at C sessions (default: 10); the "
+                        "1-session level makes as many calls in all")
+    parser.add_argument("--concurrent-rag-runs", type=int, default=2,
+                        help="RAG calls per session at C sessions (default: 2)")
+    parser.add_argument("--concurrent-timeout", type=float, default=3600.0,
+                        help="timeout_s of each concurrent themis_rag call (default: 3600)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not args.self_contained and not args.dsn:
         parser.error("give --dsn (or set THEMIS_DSN) or --self-contained")
-    if args.runs < 1 or args.warmup < 0 or args.k < 1 or args.max_tokens < 1:
-        parser.error("--runs, --k and --max-tokens must be positive, --warmup not negative")
+    if args.warmup < 0 or args.k < 1 or args.max_tokens < 1:
+        parser.error("--k and --max-tokens must be positive, --warmup not negative")
+    if args.runs < (0 if args.concurrency else 1):
+        parser.error("--runs must be positive (0 is allowed with --concurrency)")
+    if args.concurrency is not None and (args.concurrency < 1 or args.concurrent_runs < 1
+                                         or args.concurrent_rag_runs < 1):
+        parser.error("--concurrency, --concurrent-runs and --concurrent-rag-runs must be "
+                     "positive")
     return args
 
 
@@ -602,14 +774,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         except psycopg.Error as exc:
             log.error("a SQL call failed: %s", exc)
             return 1
+        concurrent: list[ConcurrentPhase] = []
+        if args.concurrency:
+            levels = sorted({1, args.concurrency})
+            runs = {"search": args.concurrent_runs, "rag": args.concurrent_rag_runs}
+            report.meta.update(concurrency=args.concurrency, concurrent_runs=runs,
+                               concurrent_timeout_s=args.concurrent_timeout)
+            conc = Concurrency(bench, dsn, questions, args.concurrent_timeout)
+            concurrent = measure_concurrency(conc, levels, runs, args.concurrency)
     report.meta["load_after"] = list(os.getloadavg())
     if args.json:
         args.json.write_text(json.dumps({"meta": report.meta,
                                          "runs": [asdict(r) for r in report.runs],
-                                         "warmup": [asdict(r) for r in report.warmup]},
+                                         "warmup": [asdict(r) for r in report.warmup],
+                                         "concurrency": [asdict(p) for p in concurrent]},
                                         indent=2) + "\n", encoding="utf-8")
         log.info("raw timings written to %s", args.json)
-    print(markdown(report))
+    if report.runs:
+        print(markdown(report))
+    if concurrent:
+        if report.runs:
+            print()
+        print(f"Concurrency (the same paths with 1 and {args.concurrency} sessions at once):\n")
+        print(concurrency_markdown(concurrent, report.meta, footer=not report.runs))
     return 0
 
 
