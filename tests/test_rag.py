@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
-from .helpers import Call, one, sample_questions, source_names
+from .helpers import TLS, Call, one, sample_questions, source_names, sqlstate_of
 
 QUESTIONS = sample_questions()
 
@@ -88,3 +90,18 @@ def test_read_your_writes(rag_db, embedder, how):
         ids = [r[0] for r in conn.execute("SELECT id FROM themis_search(%s, 5)",
                                           ("quokka protocol purple lanyard",))]
         assert doc_id not in ids
+
+
+def test_themis_stats_reports_the_index_for_monitors_only(rag_db, user_role):
+    assert one(rag_db, "SELECT count(*) FROM themis_search(%s, 2)", (TLS,)) == 2
+    time.sleep(1.2)  # a heartbeat carries the figures
+    stats = one(rag_db, "SELECT themis_stats()")
+    (worker,) = stats["workers"]
+    index = worker["stats"]["index"]
+    assert worker["stats"]["index_size"] == one(rag_db, "SELECT count(*) FROM themis.documents")
+    assert index["device"] == "cpu" and index["dtype"] == "float32" and index["bytes"] > 0
+    assert worker["stats"]["searches"]["queries"] >= 1
+    state, _ = sqlstate_of(user_role(rag_db), "SELECT themis_stats()")
+    assert state == "42501"
+    monitor = user_role(rag_db, member_of="pg_monitor")
+    assert one(monitor, "SELECT themis_stats()")["workers"]

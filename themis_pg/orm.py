@@ -77,6 +77,7 @@ __all__ = [
     "themis_rag",
     "themis_rag_json",
     "themis_search",
+    "themis_stats",
     "themis_status",
 ]
 
@@ -450,6 +451,15 @@ class themis_status(_ThemisFunction[Any]):
     inherit_cache = True
 
 
+class themis_stats(_ThemisFunction[Any]):
+    """``themis_stats() -> jsonb``: every live worker's figures (index rows, bytes, dtype,
+    device, load and sync times, searches and batch sizes) and job counts; for pg_monitor."""
+
+    name = "themis_stats"
+    type = JSONB()
+    inherit_cache = True
+
+
 class _themis_search_fn(_ThemisFunction[Any]):
     """The set-returning ``themis_search``; use :func:`themis_search` for its columns."""
 
@@ -486,6 +496,7 @@ FUNCTIONS: Final[tuple[type[_ThemisFunction[Any]], ...]] = (
     _themis_search_fn,
     themis_embed,
     themis_generate,
+    themis_stats,
     themis_status,
 )
 """The wrapper class of every public SQL function (``themis_search``'s is the function

@@ -297,3 +297,21 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
                                    'default', is_default) ORDER BY kind, name)
                               FROM themis.models), '[]'::jsonb))
 $$;
+
+-- What the operators see: every live worker's own figures, the index size included (it
+-- counts rows that RLS may hide from callers, hence pg_monitor, not themis_user).
+CREATE OR REPLACE FUNCTION public.themis_stats() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'pg_monitor' AS $$
+    SELECT jsonb_build_object(
+        'workers', COALESCE((
+            SELECT jsonb_agg(jsonb_build_object('id', w.id, 'host', w.host, 'kinds', w.kinds,
+                                                'heartbeat_at', w.heartbeat_at,
+                                                'stats', w.stats) ORDER BY w.id)
+              FROM themis.workers w
+             WHERE w.heartbeat_at > now()
+                   - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)
+        ), '[]'::jsonb),
+        'jobs', (SELECT jsonb_object_agg(status, n) FROM (
+                    SELECT status, count(*) AS n FROM themis.jobs GROUP BY status) s))
+$$;

@@ -250,6 +250,8 @@ def cupy_available() -> bool:
 class CupyStore(RowMap):
     """Unit vectors on one GPU; the row → id map on the host."""
 
+    dtype = "float16"  # scanned; an fp32 copy answers the exact rescoring
+
     def __init__(self, dim: int, *, device_id: int = 0, capacity: int = 1024) -> None:
         import cupy as cp
 

@@ -111,6 +111,7 @@ class EmbeddingIndex:
         self._server_start: Any = None
         self.corpus_model: str | None = None
         self.last_sync = SyncStats()
+        self.last_load_ms = 0.0
 
     def __len__(self) -> int:
         return len(self.store)
@@ -134,8 +135,9 @@ class EmbeddingIndex:
         self.watermark, self._seen = int(watermark), seen
         self._pending = unembedded
         self._server_start = server_start
+        self.last_load_ms = (time.perf_counter() - started) * 1000
         log.info("loaded %d embeddings (dim %d) in %.1f ms", len(self.store), self.dim,
-                 (time.perf_counter() - started) * 1000)
+                 self.last_load_ms)
 
     def _check_corpus(self, corpus: tuple[str, int] | None) -> None:
         self.corpus_model = None if corpus is None else corpus[0]

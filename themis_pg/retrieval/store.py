@@ -40,6 +40,7 @@ class VectorStore(Protocol):
 
     dim: int
     device: str
+    dtype: str  # of the matrix every search scans
 
     def __len__(self) -> int: ...
 
@@ -144,6 +145,7 @@ class NumpyStore(RowMap):
     """The CPU store: a float32 matrix in host memory, grown geometrically."""
 
     device = "cpu"
+    dtype = "float32"
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -101,7 +101,8 @@ class Worker:
         searches = counts.pop("searches")
         store = self.index.store
         return {"jobs": counts, "index_size": len(self.index),
-                "index": {"device": store.device, "bytes": store.nbytes,
+                "index": {"device": store.device, "dtype": store.dtype, "bytes": store.nbytes,
+                          "load_ms": round(self.index.last_load_ms, 1),
                           "last_sync_ms": round(self.index.last_sync.ms, 3)},
                 "searches": {"queries": searches, "batches": batches,
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
