@@ -44,7 +44,10 @@ def test_search_ranks_the_right_document_first_for_most_questions(rag_db):
 
 def test_sixteen_concurrent_sessions_get_their_own_sources(rag_db):
     picked = (QUESTIONS * 2)[:16]
-    calls = [Call(rag_db, "SELECT themis_rag_json(%s, 3, 8)", (q["question"],)) for q in picked]
+    # Generation is one request at a time until the batching engine lands (16 x ~4.5 s of
+    # prompt processing on 2 cores): the timeout leaves room for a busy machine.
+    calls = [Call(rag_db, "SELECT themis_rag_json(%s, 3, 8, timeout_s => 600)",
+                  (q["question"],)) for q in picked]
     for c in calls:
         c.start()
     for c in calls:
