@@ -9,8 +9,8 @@ this backend, and reads the answer.
 One job costs two round trips on that connection: ``bus_submit`` (checks, queues, notifies
 the workers and says which timeout is in force) and, once our channel is notified,
 ``bus_take`` (reads the outcome and clears a search's candidates in the same statement).
-Nothing is read before the wake-up; the row is re-read every ``poll_interval`` only in case a
-notification was lost.
+Nothing is read before the wake-up; the row is re-read after ``poll_interval``, then at doubling
+gaps up to ``MAX_POLL_S``, only in case a notification was lost.
 
 Waiting happens in short slices; between slices ``check_interrupts`` (an SPI ``SELECT 1``)
 lets PostgreSQL act on ``statement_timeout``, ``pg_cancel_backend`` and client disconnects.
@@ -40,6 +40,7 @@ from .errors import PLError
 TERMINAL = ("done", "failed", "cancelled")
 WAIT_SLICE_S = 0.05
 IDLE_RECONNECT_S = 50.0  # below the server's idle_session_timeout of 60 s
+MAX_POLL_S = 5.0  # longest gap between two re-reads of a job while waiting
 # Our own SQLSTATE for bus trouble: class 08 would make client pools drop the *caller's*
 # healthy connection.
 BUS_TROUBLE = "58000"
@@ -217,6 +218,7 @@ class BusClient:
         cancelled, which frees the worker's slot.
         """
         next_check = time.monotonic() + self.poll_interval  # no read before a wake-up
+        checks = 0
         no_worker_since: float | None = None
         try:
             while True:
@@ -232,7 +234,10 @@ class BusClient:
                             f"the themis worker serving this {job.kind} job stopped and no "
                             "other worker is running", sqlstate="55000",
                             hint="Start one with `themis worker`.")
-                    next_check = now + self.poll_interval
+                    # re-read at 1, 2, 4, 8, 13, 18... s: a lost notification is found soon,
+                    # and a long generation costs few reads
+                    checks += 1
+                    next_check = now + min(self.poll_interval * 2 ** (checks - 1), MAX_POLL_S)
                 if now >= deadline:
                     raise PLError(f"themis call timed out after {stated_timeout_s:g} s "
                                   f"(waiting for its {job.kind} job)", sqlstate="57014",

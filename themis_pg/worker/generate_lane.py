@@ -42,8 +42,10 @@ class GenerateLane(Lane):
         self._forward_cancels()
         free = self.engine.free_slots()
         jobs: list[Job] = []
-        if free > 0 and not self.worker.stopping.is_set():
+        if free > 0 and not self.worker.stopping.is_set() and self.should_claim():
             jobs = self.store().claim(self.kinds, free, self.settings.lease)
+            if len(jobs) == free:  # it took all it asked for: the queue may hold more
+                self.notified.set()
             self.worker.registry.start([j.id for j in jobs])
             for job, payload in self.parse_payloads(jobs):
                 assert isinstance(payload, GeneratePayload)
@@ -53,7 +55,8 @@ class GenerateLane(Lane):
                 if job.id not in self.running:  # failed its payload check
                     self.worker.registry.end([job.id])
         # Again at once if outcomes are waiting, or the queue may hold more than we took.
-        return not self.outcomes.empty() or (bool(jobs) and self.engine.free_slots() > 0)
+        return not self.outcomes.empty() or (self.notified.is_set()
+                                             and self.engine.free_slots() > 0)
 
     def _forward_cancels(self) -> None:
         for job_id in list(self.running):

@@ -1,8 +1,11 @@
 """A lane: one thread that claims jobs of some kinds and serves them.
 
 Lanes are the only place that groups jobs into batches.  Each waits on its ``wake`` event
-(set by the listener on a NOTIFY, by a cancel, or by its engine) or the poll interval, so a
-lost notification costs at most ``poll_interval``.  Subclasses implement ``step``.
+(set by the listener on a NOTIFY, by a cancel, or by its engine) or the poll interval.  A lane
+claims only when there is a reason to think jobs are queued (``notified``: a NOTIFY came, the
+poll interval passed, or its last claim took all it asked for), so finishing a job costs no
+extra empty claim, and a lost notification costs at most ``poll_interval``.  Subclasses
+implement ``step``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Lane(threading.Thread):
         self.worker = worker
         self.settings = worker.settings
         self.wake = threading.Event()
+        self.notified = threading.Event()  # jobs may be queued: claim at the next step
+        self.notified.set()
         worker.registry.wakes.append(self.wake)
         self.db = ManagedConnection(worker.dsn, self.name, worker.stopping, self.on_connect)
 
@@ -47,8 +52,8 @@ class Lane(threading.Thread):
             while not self.worker.stopping.is_set():
                 try:
                     self.wake.clear()  # before the step: a wake during it is not lost
-                    if not self.step():
-                        self.wake.wait(self.settings.poll_interval)
+                    if not self.step() and not self.wake.wait(self.settings.poll_interval):
+                        self.notified.set()  # the poll: look at the table anyway
                 except psycopg.Error as exc:
                     if self.db.lost(exc):
                         self.db.drop(exc)
@@ -64,8 +69,15 @@ class Lane(threading.Thread):
             self.worker.stopping.set()
 
     def step(self) -> bool:
-        """Claim and serve what there is; False when there was nothing to do."""
+        """Claim (if ``notified``) and serve; True to run again at once."""
         raise NotImplementedError
+
+    def should_claim(self) -> bool:
+        """Whether to claim now; clears the flag, so a NOTIFY during the claim sets it again."""
+        if self.notified.is_set():
+            self.notified.clear()
+            return True
+        return False
 
     def on_connection_lost(self) -> None:
         """Called after the connection broke mid-step (jobs may be unfinished)."""

@@ -32,6 +32,7 @@ class Listener:
         conn.execute("LISTEN themis_jobs")
         conn.execute("LISTEN themis_cancel")
         for lane in self.lanes:  # whatever was queued while we were not listening
+            lane.notified.set()
             lane.wake.set()
 
     def run(self) -> None:
@@ -54,6 +55,7 @@ class Listener:
         if channel == "themis_jobs":
             for lane in self.lanes:
                 if payload in lane.kinds or not payload:
+                    lane.notified.set()
                     lane.wake.set()
         elif channel == "themis_cancel":
             try:

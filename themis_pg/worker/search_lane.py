@@ -50,6 +50,8 @@ class SearchLane(Lane):
         worker = self.worker
         conn = self.db.get()
         store = JobStore(conn, worker.worker_id)
+        if not self.should_claim():
+            return False
         index = worker.index
         mismatch: ModelMismatch | None = None
         if index.watermark is None and "search" in self.kinds:
@@ -79,7 +81,10 @@ class SearchLane(Lane):
                 self.fail(job, "internal error in the worker", "XX000")
         finally:
             worker.registry.end(ids)
-        return True
+        if len(jobs) >= self.settings.search_batch:  # a full batch: more may be queued
+            self.notified.set()
+            return True
+        return False
 
     def _load_index(self, conn: psycopg.Connection[Any]) -> ModelMismatch | None:
         """Load the index (retried at each step until it works, e.g. after `themis reembed`);
