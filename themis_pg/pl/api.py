@@ -112,6 +112,8 @@ class Backend:
         self.bus = BusClient(bus_dsn(row))
         self.role_plan = plpy.prepare("SELECT current_user::text AS role")
         self.ping_plan = plpy.prepare("SELECT 1")
+        # planned once per backend; executed as the current user, so rights still apply
+        self.visible_plan = plpy.prepare(VISIBLE_SQL, ["bigint[]", "integer"])
 
 
 def bus_dsn(endpoint: dict[str, Any]) -> str:
@@ -203,13 +205,13 @@ VISIBLE_SQL = (
     "ORDER BY c.ord LIMIT $2")
 
 
-def visible_documents(plpy: Any, ids: list[int], limit: int) -> list[dict[str, Any]]:
+def visible_documents(session: Session, ids: list[int], limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` of ``ids`` (in order) that the caller may read, fetched through
     SPI under the caller's own rights: GRANTs and row-level security apply."""
     if not ids or limit <= 0:
         return []
-    plan = plpy.prepare(VISIBLE_SQL, ["bigint[]", "integer"])
-    return [dict(r) for r in plpy.execute(plan, [ids, limit])]
+    rows = session.plpy.execute(session.backend.visible_plan, [ids, limit])
+    return [dict(r) for r in rows]
 
 
 def next_cursor(seen: dict[int, float], last_score: float) -> SearchCursor:
@@ -245,7 +247,7 @@ def top_k_visible(session: Session, query: str, k: int,
         fresh = [(i, s) for i, s in candidates if i not in seen]
         seen.update(fresh)
         scores = dict(fresh)
-        found = visible_documents(session.plpy, [i for i, _ in fresh], k - len(picked))
+        found = visible_documents(session, [i for i, _ in fresh], k - len(picked))
         picked += [dict(d, score=scores[int(d["id"])]) for d in found]
         if len(picked) >= k or result.get("exhausted", True) or not candidates:
             break
