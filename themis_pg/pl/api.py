@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from .bus import BusClient, Caller, JobOutcome
 from .errors import PLError
-from .payloads import CURSOR_SLACK, SearchCursor, SearchPayload
+from .payloads import CURSOR_SLACK, EmbedPayload, SearchCursor, SearchPayload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -320,7 +320,7 @@ def search_rows(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *,
 def embed(plpy: Any, GD: dict[str, Any], text: Any, *, timeout_s: Any = None) -> str:
     text = validate_text(text, "input")
     session = Session(plpy, GD, timeout_s)
-    result = session.run("embed", {"text": text})
+    result = session.run("embed", EmbedPayload(text).to_json())
     return "[" + ",".join(repr(float(x)) for x in result["embedding"]) + "]"
 
 

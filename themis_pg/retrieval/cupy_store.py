@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter, hits
+from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter, hits, restrict
 
 log = logging.getLogger(__name__)
 
@@ -400,21 +400,7 @@ class CupyStore(RowMap):
         cp = self._cp
         size = self._size
         scores = q32 @ self._full[:size].T
-        for i, flt in enumerate(filters):
-            if flt is None:
-                continue
-            if flt.allow is not None:
-                keep = cp.zeros(size, cp.bool_)
-                allowed = [r for d in flt.allow if (r := self._row_of.get(d)) is not None]
-                if allowed:
-                    keep[cp.asarray(allowed)] = True
-                scores[i, ~keep] = -cp.inf
-            if flt.below is not None:
-                row = scores[i]
-                row[row > flt.below] = -cp.inf
-            rows = [r for d in flt.exclude if (r := self._row_of.get(d)) is not None]
-            if rows:
-                scores[i, cp.asarray(rows)] = -cp.inf
+        restrict(cp, scores, filters, self._row_of)
         k = min(n, size)
         part = radix_topk(cp, scores, k) if k < size else \
             cp.ascontiguousarray(cp.broadcast_to(cp.arange(size), (scores.shape[0], size)))

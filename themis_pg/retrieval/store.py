@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +72,30 @@ def hits(ids: IdArray, rows: npt.NDArray[np.int64],
     score_rows = scores.astype(np.float64).tolist()
     return [[(i, s) for i, s, ok in zip(ir, sr, vr, strict=True) if ok]
             for ir, sr, vr in zip(id_rows, score_rows, valid.tolist(), strict=True)]
+
+
+def restrict(xp: Any, scores: Any, filters: Sequence[SearchFilter | None] | None,
+             row_of: dict[int, int]) -> None:
+    """Apply each query's ``SearchFilter`` to its row of ``scores`` (b, rows) in place: a
+    ruled-out row scores -inf.  ``xp`` is the array module of ``scores`` (NumPy or CuPy)."""
+    size = scores.shape[1]
+
+    def rows(ids: frozenset[int]) -> Any:
+        return xp.asarray([row_of[d] for d in ids if d in row_of], dtype=xp.int64)
+
+    for i, flt in enumerate(filters or ()):
+        if flt is None:
+            continue
+        if flt.allow is not None:
+            keep = xp.zeros(size, dtype=bool)
+            keep[rows(flt.allow)] = True
+            scores[i, ~keep] = -xp.inf
+        if flt.below is not None:
+            row = scores[i]
+            row[row > flt.below] = -xp.inf
+        excluded = rows(flt.exclude)
+        if len(excluded):
+            scores[i, excluded] = -xp.inf
 
 
 class RowMap:
@@ -176,17 +200,7 @@ class NumpyStore(RowMap):
                filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
         live = self._matrix[: self._size]
         scores = queries.astype(np.float32, copy=False) @ live.T  # (b, size)
-        for i, flt in enumerate(filters or ()):
-            if flt is None:
-                continue
-            if flt.allow is not None:
-                keep = np.zeros(self._size, bool)
-                keep[[r for d in flt.allow if (r := self._row_of.get(d)) is not None]] = True
-                scores[i, ~keep] = -np.inf
-            if flt.below is not None:
-                scores[i, scores[i] > flt.below] = -np.inf
-            rows = [r for d in flt.exclude if (r := self._row_of.get(d)) is not None]
-            scores[i, rows] = -np.inf
+        restrict(np, scores, filters, self._row_of)
         rows_out, scores_out = select_top_k(scores, n)
         return hits(self._ids, rows_out, scores_out)
 
