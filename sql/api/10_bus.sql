@@ -274,6 +274,17 @@ BEGIN
 END
 $$;
 
+-- The workers whose heartbeat is recent enough, for the status views.  (bus_submit's
+-- live_worker_exists keeps its own EXISTS: it runs on every call, where a function call
+-- more would cost.)
+CREATE OR REPLACE FUNCTION themis.live_workers() RETURNS SETOF themis.workers
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'none' AS $$
+    SELECT * FROM themis.workers w
+     WHERE w.heartbeat_at > now()
+           - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)
+$$;
+
 -- What any themis user may know about the service: no document counts (RLS may hide rows),
 -- no other users' jobs.
 CREATE OR REPLACE FUNCTION public.themis_status() RETURNS jsonb
@@ -286,9 +297,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
                        'started_at', w.started_at,
                        -- the index size would count rows hidden from the caller by RLS
                        'stats', w.stats - 'index_size') ORDER BY w.id)
-              FROM themis.workers w
-             WHERE w.heartbeat_at > now()
-                   - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)
+              FROM themis.live_workers() w
         ), '[]'::jsonb),
         'queued', (SELECT count(*) FROM themis.jobs WHERE status = 'queued'),
         'running', (SELECT count(*) FROM themis.jobs WHERE status = 'running'),
@@ -308,9 +317,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
             SELECT jsonb_agg(jsonb_build_object('id', w.id, 'host', w.host, 'kinds', w.kinds,
                                                 'heartbeat_at', w.heartbeat_at,
                                                 'stats', w.stats) ORDER BY w.id)
-              FROM themis.workers w
-             WHERE w.heartbeat_at > now()
-                   - make_interval(secs => (themis.config_value('worker_stale_s') #>> '{}')::float8)
+              FROM themis.live_workers() w
         ), '[]'::jsonb),
         'jobs', (SELECT jsonb_object_agg(status, n) FROM (
                     SELECT status, count(*) AS n FROM themis.jobs GROUP BY status) s))
