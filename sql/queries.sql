@@ -142,15 +142,37 @@ DELETE FROM themis.workers WHERE heartbeat_at < now() - interval '1 day';
 -- Changes below every live worker's watermark are needed by no one.  The horizon records how
 -- far pruning went: a worker whose watermark is below it (it was loading, or stalled) sees
 -- that on its next sync and reloads instead of missing changes.
+-- Index snapshots younger than a day count as workers (a restarted worker reads the changes
+-- since its snapshot instead of the whole table); older ones are forgotten.
 WITH horizon AS (
     UPDATE themis.change_horizon
        SET xid = greatest(xid, coalesce(
-               (SELECT min(watermark) FROM themis.workers
-                 WHERE heartbeat_at > now() - interval '1 hour'),
+               least((SELECT min(watermark) FROM themis.workers
+                       WHERE heartbeat_at > now() - interval '1 hour'),
+                     (SELECT min(watermark) FROM themis.index_snapshots
+                       WHERE created_at > now() - interval '1 day')),
                pg_snapshot_xmin(pg_current_snapshot())))
     RETURNING xid
 )
 DELETE FROM themis.changes WHERE xid < (SELECT xid FROM horizon);
+
+-- name: prune_snapshots
+DELETE FROM themis.index_snapshots WHERE created_at < now() - interval '1 day';
+
+-- name: snapshot_token
+-- Whether this database vouches for a snapshot file (schema_0003.sql says why that is enough).
+SELECT embedding_model, dim, watermark::text::bigint, rows
+  FROM themis.index_snapshots WHERE token = %(token)s;
+
+-- name: record_snapshot
+-- Run with synchronous_commit on: its commit flushes the WAL of every change the file reflects.
+WITH gone AS (
+    DELETE FROM themis.index_snapshots
+     WHERE host = %(host)s AND snapshot_key = %(key)s AND token <> %(token)s
+)
+INSERT INTO themis.index_snapshots (token, host, snapshot_key, embedding_model, dim, watermark,
+                                    rows)
+VALUES (%(token)s, %(host)s, %(key)s, %(model)s, %(dim)s, %(watermark)s::text::xid8, %(rows)s);
 
 -- name: snapshot_state
 -- First statement of a load or sync transaction: its snapshot's xmin (the next watermark),

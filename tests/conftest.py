@@ -212,7 +212,8 @@ class WorkerProcess:
         self.dsn = dsn
         self.id = f"test-worker-{uuid.uuid4().hex[:8]}"
         self.log_path = log_dir / f"{self.id}.log"
-        full_env = {**os.environ, **WORKER_ENV, "THEMIS_WORKER_ID": self.id, **(env or {})}
+        full_env = {**os.environ, **WORKER_ENV, "THEMIS_WORKER_ID": self.id,
+                    "THEMIS_INDEX_SNAPSHOT_DIR": str(log_dir / "snapshots"), **(env or {})}
         args = [sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, "worker"]
         if kinds:
             args += ["--kinds", kinds]

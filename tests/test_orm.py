@@ -93,6 +93,7 @@ def test_tables_live_in_their_own_metadata_and_schema():
             "change_horizon",
             "workers",
             "jobs",
+            "index_snapshots",
         )
     }
     assert all(t.schema == "themis" for t in tables.values())

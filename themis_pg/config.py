@@ -25,9 +25,17 @@ def _default_home() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "themis"
 
 
-def _default_model_cache() -> Path:
+def _cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "themis" / "models"
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "themis"
+
+
+def _default_model_cache() -> Path:
+    return _cache_dir() / "models"
+
+
+def _default_index_snapshot_dir() -> Path:
+    return _cache_dir() / "index"
 
 
 class Settings(BaseSettings):
@@ -75,6 +83,17 @@ class Settings(BaseSettings):
     )
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
+    )
+    index_snapshots: bool = Field(
+        default=True,
+        description="Keep a local snapshot of the worker's embedding matrix, so a restart "
+        "reads only the changes since (the database vouches for each file; see "
+        "themis_pg/retrieval/snapshot.py).",
+    )
+    index_snapshot_dir: Path = Field(
+        default_factory=_default_index_snapshot_dir,
+        description="Folder of the index snapshots (one file per database, model and device, "
+        "about rows x dim x 4 bytes).",
     )
     retrieval_device: str = Field(
         default="auto",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 import numpy as np
@@ -46,7 +47,7 @@ from sqlalchemy import (
     text,
     type_coerce,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -64,6 +65,7 @@ __all__ = [
     "Corpus",
     "Document",
     "Embedding",
+    "IndexSnapshot",
     "Job",
     "Model",
     "NamedArgument",
@@ -263,6 +265,22 @@ class Worker(ThemisBase):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
     watermark: Mapped[int | None] = mapped_column(Xid8())
     stats: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=_EMPTY_JSON)
+
+
+class IndexSnapshot(ThemisBase):
+    """A worker's local index snapshot this database vouches for (revision 0003)."""
+
+    __tablename__ = "index_snapshots"
+    __table_args__ = _SCHEMA
+
+    token: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    snapshot_key: Mapped[str] = mapped_column(Text)
+    embedding_model: Mapped[str] = mapped_column(Text)
+    dim: Mapped[int] = mapped_column(Integer)
+    watermark: Mapped[int] = mapped_column(Xid8())
+    rows: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
 
 
 class Job(ThemisBase):

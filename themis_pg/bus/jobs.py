@@ -129,3 +129,4 @@ class JobStore:
         self._run("prune_jobs", retention=retention_s)
         self._run("prune_workers")
         self._run("prune_changes")
+        self._run("prune_snapshots")

@@ -295,6 +295,18 @@ class CupyStore(RowMap):
             self._half = self._full.astype(cp.float16)
         self._set_all_ids(ids, max(n, 1024))
 
+    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
+        import cupyx
+
+        with self._cp.cuda.Device(self.device_id):
+            return cupyx.empty_pinned(shape, dtype)  # type: ignore[no-any-return]
+
+    def export(self) -> tuple[IdArray, FloatArray]:
+        with self._cp.cuda.Device(self.device_id):
+            out = self.host_buffer((self._size, self.dim), np.float32)
+            self._full[: self._size].get(out=out)
+        return self._ids[: self._size].copy(), out
+
     def _write(self, rows: IdArray, vectors: FloatArray) -> None:
         cp = self._cp
         with cp.cuda.Device(self.device_id):

@@ -33,11 +33,23 @@ import psycopg
 from ..bus.queries import query
 from ..errors import ModelMismatch
 from .loader import load_embeddings
+from .snapshot import SnapshotMeta, SnapshotStore, new_token
 from .store import Hit, NumpyStore, SearchFilter, VectorStore
 
 log = logging.getLogger(__name__)
 
 EmbedFn = Callable[[Sequence[str]], npt.NDArray[np.float32]]
+
+
+def normalize_in_place(vectors: npt.NDArray[np.float32]) -> None:
+    """Scale every row to unit length (zero rows stay zero), without a second matrix."""
+    for start in range(0, len(vectors), 65536):  # bounded temporaries
+        block = vectors[start:start + 65536]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        block /= norms
+
+
 def normalize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
@@ -97,9 +109,13 @@ class EmbeddingIndex:
 
     def __init__(self, dim: int, model: str, store: VectorStore | None = None, *,
                  connect: Callable[[], psycopg.Connection[Any]] | None = None,
-                 load_connections: int = 4) -> None:
+                 load_connections: int = 4,
+                 snapshots: SnapshotStore | None = None) -> None:
         """``connect`` opens more connections to the same database, for loads read on
-        ``load_connections`` connections at once (loader.py); without it one is used."""
+        ``load_connections`` connections at once (loader.py); without it one is used.
+        With ``snapshots`` (and ``connect``, for recording their tokens) a load starts from
+        the local snapshot when the database vouches for it, and a full load writes one
+        (snapshot.py)."""
         self.dim = dim
         self.model = model
         self.connect = connect
@@ -112,32 +128,71 @@ class EmbeddingIndex:
         self.corpus_model: str | None = None
         self.last_sync = SyncStats()
         self.last_load_ms = 0.0
+        self.last_load_source = ""  # "database" or "snapshot"
+        self.snapshots = snapshots
+        self._dirty = True  # rows changed since the last snapshot (or there is none)
 
     def __len__(self) -> int:
         return len(self.store)
 
     # -- whole-table load --------------------------------------------------------------
-    def load(self, conn: psycopg.Connection[Any]) -> None:
-        """Read every embedding of the configured dimension, as of one snapshot."""
+    def load(self, conn: psycopg.Connection[Any], *, use_snapshot: bool = True) -> None:
+        """Every embedding of the configured dimension, as of one snapshot: from the local
+        snapshot file if the database vouches for it (then the next sync reads what changed
+        since), else from ``themis.documents``.  A reload that a sync asked for (log pruned,
+        TRUNCATE, server restart) passes ``use_snapshot=False``: the snapshot is older still."""
         started = time.perf_counter()
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            watermark, _, server_start = cur.execute(query("snapshot_state")).fetchone()  # type: ignore[misc]
+            watermark, horizon, server_start = cur.execute(query("snapshot_state")).fetchone()  # type: ignore[misc]
             row = cur.execute(query("corpus")).fetchone()
             self._check_corpus(None if row is None else (str(row[0]), int(row[1])))
-            seen = {int(r[0]): int(r[1]) for r in cur.execute(
-                query("changes_since"), {"watermark": str(watermark)})}
-            # Rows committed without an embedding: embedded by the next sync.
-            unembedded = {int(r[0]) for r in cur.execute(query("unembedded_documents"))}
-            ids, vectors = load_embeddings(conn, self.dim, connect=self.connect,
-                                           connections=self.load_connections)
-        self.store.replace_all(ids, normalize(vectors))
+            restored = None if self.snapshots is None or not use_snapshot else \
+                self.snapshots.restore(
+                cur, self.model, self.dim, int(horizon), self.store.host_buffer)
+            if restored is None:
+                seen = {int(r[0]): int(r[1]) for r in cur.execute(
+                    query("changes_since"), {"watermark": str(watermark)})}
+                # Rows committed without an embedding: embedded by the next sync.
+                unembedded = {int(r[0]) for r in cur.execute(query("unembedded_documents"))}
+                ids, vectors = load_embeddings(conn, self.dim, connect=self.connect,
+                                               connections=self.load_connections,
+                                               allocate=self.store.host_buffer)
+                normalize_in_place(vectors)
+        if restored is not None:
+            meta, ids, vectors = restored
+            watermark, seen, unembedded = meta.watermark, dict(meta.seen), set(meta.pending)
+        self.store.replace_all(ids, vectors)
         self.watermark, self._seen = int(watermark), seen
         self._pending = unembedded
         self._server_start = server_start
         self.last_load_ms = (time.perf_counter() - started) * 1000
-        log.info("loaded %d embeddings (dim %d) in %.1f ms", len(self.store), self.dim,
-                 self.last_load_ms)
+        self.last_load_source = "database" if restored is None else "snapshot"
+        self._dirty = restored is None
+        log.info("loaded %d embeddings (dim %d) from the %s in %.1f ms", len(self.store),
+                 self.dim, self.last_load_source, self.last_load_ms)
+        if restored is None and self.snapshots is not None and self.connect is not None:
+            self.snapshots.save_in_background(self.connect, self._snapshot_meta(),
+                                              *self.store.export())
+            self._dirty = False
+
+    def _snapshot_meta(self) -> SnapshotMeta:
+        assert self.watermark is not None
+        return SnapshotMeta(token=new_token(), model=self.model, dim=self.dim,
+                            rows=len(self.store), watermark=self.watermark,
+                            seen=dict(self._seen), pending=sorted(self._pending))
+
+    def save_snapshot(self) -> bool:
+        """Write a snapshot of the current rows if they changed since the last one (at a
+        clean shutdown); False if there was nothing to do or no way to."""
+        if self.snapshots is None or self.connect is None or self.watermark is None:
+            return False
+        self.snapshots.wait()
+        if not self._dirty:
+            return False
+        self.snapshots.save(self.connect, self._snapshot_meta(), *self.store.export())
+        self._dirty = False
+        return True
 
     def _check_corpus(self, corpus: tuple[str, int] | None) -> None:
         self.corpus_model = None if corpus is None else corpus[0]
@@ -183,7 +238,7 @@ class EmbeddingIndex:
         if stale or any(op == "T" for _, _, _, op in delta.changes):
             log.info("index reload (%s)", "change log pruned or server restarted" if stale
                      else "documents truncated")
-            self.load(conn)
+            self.load(conn, use_snapshot=False)
             self.last_sync = SyncStats(changes=len(delta.changes), reloaded=True,
                                        ms=(time.perf_counter() - started) * 1000)
             return self.last_sync
@@ -213,6 +268,8 @@ class EmbeddingIndex:
         self._pending = {doc_id for doc_id, _ in to_embed}
         if to_embed and embed is not None:
             stats.embedded = self._embed_missing(conn, to_embed, embed)
+        if stats.upserted or stats.deleted or stats.embedded:
+            self._dirty = True
         self.watermark = delta.xmin
         seen = {**self._seen, **{seq: xid for seq, xid, _, _ in delta.changes}}
         self._seen = {seq: xid for seq, xid in seen.items() if xid >= self.watermark}

@@ -69,6 +69,7 @@ def _read_ranges(conn: psycopg.Connection[Any], ranges: list[tuple[int, int]], d
 def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
                     connect: Callable[[], psycopg.Connection[Any]] | None = None,
                     connections: int = 4,
+                    allocate: Callable[[tuple[int, ...], Any], npt.NDArray[Any]] | None = None,
                     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Ids and (not yet normalised) vectors of every document embedding of ``dim``
     dimensions, as of ``conn``'s transaction snapshot.
@@ -76,7 +77,8 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
     ``conn`` must be inside a REPEATABLE READ (or SERIALIZABLE) transaction.  With
     ``connect`` (a factory of new connections to the same database) the blocks are read on
     ``connections`` connections that import that transaction's snapshot; without, all on
-    ``conn``.
+    ``conn``.  The vectors are gathered into ``allocate(shape, dtype)`` (e.g. pinned memory;
+    default ``np.empty``).
     """
     started = time.perf_counter()
     bounds = conn.execute("SELECT min(id), max(id) FROM themis.documents").fetchone()
@@ -118,7 +120,8 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
     if not flat:
         return np.empty(0, np.int64), np.empty((0, dim), np.float32)
     ids = np.concatenate([p[0] for p in flat])
-    vectors = np.concatenate([p[1] for p in flat])
+    vectors = (allocate or np.empty)((len(ids), dim), np.float32)
+    np.concatenate([p[1] for p in flat], out=vectors)
     seconds = time.perf_counter() - started
     log.info("read %d embeddings in %.2f s (%.0f rows/s, %d connection(s))", len(ids), seconds,
              len(ids) / max(seconds, 1e-9), len(parts))

@@ -51,6 +51,15 @@ class VectorStore(Protocol):
 
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None: ...
 
+    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
+        """An empty host array to load rows into before ``replace_all`` (pinned memory for a
+        GPU store, so that its host→device copy runs at full speed)."""
+        ...
+
+    def export(self) -> tuple[IdArray, FloatArray]:
+        """Copies of the live ids and float32 vectors in host memory (for a snapshot)."""
+        ...
+
     def upsert(self, ids: IdArray, vectors: FloatArray) -> None: ...
 
     def delete(self, ids: Sequence[int]) -> int:
@@ -183,6 +192,12 @@ class NumpyStore(RowMap):
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
         self._matrix = np.ascontiguousarray(vectors, np.float32)
         self._set_all_ids(ids, len(ids))
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
+        return np.empty(shape, dtype)
+
+    def export(self) -> tuple[IdArray, FloatArray]:
+        return self._ids[: self._size].copy(), self._matrix[: self._size].copy()
 
     def _reserve(self, rows: int) -> None:
         if rows > self._matrix.shape[0]:  # amortised O(1) per insert

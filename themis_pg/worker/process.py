@@ -33,6 +33,7 @@ from ..models import verify_registered_model
 from ..models.registry import get_model
 from ..pl.payloads import Limits
 from ..retrieval.index import EmbeddingIndex
+from ..retrieval.snapshot import SnapshotStore, snapshot_key
 from ..retrieval.store import make_store
 from .connections import connect
 from .generate_lane import GenerateLane
@@ -67,12 +68,16 @@ class Worker:
             gen = get_model(conn, "generation", settings.generation_model or None) \
                 if "generate" in self.kinds else None
             self.limits = Limits.from_config(JobStore(conn, self.worker_id).config())
+            database = (str(conn.info.host), int(conn.info.port), str(conn.info.dbname))
         # The files must still be what was registered (sha256, cached by file identity).
         self.embedder = Embedder(verify_registered_model(emb, cache_dir=settings.model_cache),
                                  emb.name, n_threads=settings.n_threads)
-        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name,
-                                    make_store(self.embedder.dim, settings.retrieval_device),
-                                    connect=lambda: connect(dsn))
+        store = make_store(self.embedder.dim, settings.retrieval_device)
+        snapshots = SnapshotStore(settings.index_snapshot_dir, snapshot_key(
+            database, self.embedder.name, self.embedder.dim, store.device)) \
+            if settings.index_snapshots else None
+        self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name, store,
+                                    connect=lambda: connect(dsn), snapshots=snapshots)
         self.engine: GenerationEngine | None = None
         if gen is not None:
             generator = LlamaGenerator(
@@ -103,6 +108,7 @@ class Worker:
         return {"jobs": counts, "index_size": len(self.index),
                 "index": {"device": store.device, "dtype": store.dtype, "bytes": store.nbytes,
                           "load_ms": round(self.index.last_load_ms, 1),
+                          "loaded_from": self.index.last_load_source,
                           "last_sync_ms": round(self.index.last_sync.ms, 3)},
                 "searches": {"queries": searches, "batches": batches,
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
@@ -152,6 +158,11 @@ class Worker:
             raise RuntimeError("a worker thread died; see the log above")
 
     def _shutdown(self) -> None:
+        try:
+            if self.index.save_snapshot():
+                log.info("index snapshot written for the next start")
+        except Exception as exc:  # the next start then loads from the database
+            log.warning("could not write the index snapshot: %s", exc)
         try:
             with connect(self.dsn) as conn:
                 store = JobStore(conn, self.worker_id)
