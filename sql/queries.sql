@@ -174,6 +174,13 @@ INSERT INTO themis.index_snapshots (token, host, snapshot_key, embedding_model, 
                                     rows)
 VALUES (%(token)s, %(host)s, %(key)s, %(model)s, %(dim)s, %(watermark)s::text::xid8, %(rows)s);
 
+-- name: document_rows
+-- Rows the matrix will hold, for the memory plan: the planner's estimate when the table was
+-- analysed (a count of 10M rows takes a while), else a count.
+SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint
+            ELSE (SELECT count(*) FROM themis.documents) END
+  FROM pg_class c WHERE c.oid = 'themis.documents'::regclass;
+
 -- name: snapshot_state
 -- First statement of a load or sync transaction: its snapshot's xmin (the next watermark),
 -- the prune horizon, and the server's start time (a restart can lose async commits).

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
     )
+    memory_budget: str = Field(
+        default="",
+        description="Most bytes the worker may plan for the matrix, the models and the KV "
+        "cache on the device they share (e.g. '40GiB'); '' = 90% of the GPU's memory when "
+        "one is used, no limit in host memory (themis_pg/memory.py).",
+    )
     index_snapshots: bool = Field(
         default=True,
         description="Keep a local snapshot of the worker's embedding matrix, so a restart "

@@ -29,6 +29,7 @@ from ..embedding import Embedder
 from ..errors import ModelMismatch
 from ..generation.engine import GenerationEngine, SequentialEngine
 from ..generation.llama import LlamaGenerator
+from ..memory import MemoryBudgetExceeded, plan_worker_memory
 from ..models import verify_registered_model
 from ..models.registry import get_model
 from ..pl.payloads import Limits
@@ -69,21 +70,35 @@ class Worker:
                 if "generate" in self.kinds else None
             self.limits = Limits.from_config(JobStore(conn, self.worker_id).config())
             database = (str(conn.info.host), int(conn.info.port), str(conn.info.dbname))
+            rows = int(conn.execute(query("document_rows")).fetchone()[0])  # type: ignore[index]
         # The files must still be what was registered (sha256, cached by file identity).
-        self.embedder = Embedder(verify_registered_model(emb, cache_dir=settings.model_cache),
-                                 emb.name, n_threads=settings.n_threads)
+        emb_path = verify_registered_model(emb, cache_dir=settings.model_cache)
+        gen_path = None if gen is None else \
+            verify_registered_model(gen, cache_dir=settings.model_cache)
+        # The embedding model is small (and says the dimension); everything large is counted
+        # before it is allocated, and a plan over the budget is a clear refusal.
+        self.embedder = Embedder(emb_path, emb.name, n_threads=settings.n_threads,
+                                 n_gpu_layers=settings.n_gpu_layers)
         store = make_store(self.embedder.dim, settings.retrieval_device)
+        self.memory = plan_worker_memory(
+            store_device=store.device, rows=rows, dim=store.dim, embedding_model=emb_path,
+            generation_model=gen_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+            budget=settings.memory_budget)
+        try:
+            self.memory.check()
+        except MemoryBudgetExceeded:
+            self.embedder.close()
+            raise
         snapshots = SnapshotStore(settings.index_snapshot_dir, snapshot_key(
             database, self.embedder.name, self.embedder.dim, store.device)) \
             if settings.index_snapshots else None
         self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name, store,
                                     connect=lambda: connect(dsn), snapshots=snapshots)
         self.engine: GenerationEngine | None = None
-        if gen is not None:
-            generator = LlamaGenerator(
-                verify_registered_model(gen, cache_dir=settings.model_cache), gen.name,
-                n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers)
+        if gen is not None and gen_path is not None:
+            generator = LlamaGenerator(gen_path, gen.name, n_ctx=settings.n_ctx,
+                                       n_threads=settings.n_threads,
+                                       n_gpu_layers=settings.n_gpu_layers)
             self.engine = SequentialEngine(generator)
         log.info("worker %s: embedding model %s (dim %d), generation model %s",
                  self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
@@ -113,6 +128,7 @@ class Worker:
                 "searches": {"queries": searches, "batches": batches,
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
                              "mean_ms": round(search_ms / batches, 3) if batches else 0.0},
+                "memory": self.memory.as_json(),
                 "embedding_model": self.embedder.name,
                 "generation_model": self.engine.name if self.engine else None,
                 "uptime_s": round(time.time() - self.started, 1)}
