@@ -4,11 +4,14 @@
         --rows 1000000 --dim 384 --fill
 
 ``--fill`` creates a minimal ``themis.documents (id, embedding vector)`` and fills it with
-random unit vectors through a binary COPY built with NumPy.  Then, for the peer (one binary
+clustered unit vectors through a binary COPY built with NumPy.  Then, for the peer (one binary
 ``COPY (SELECT id, embedding) TO STDOUT`` parsed with one NumPy dtype, what the worker did
 before) and the block loader at several connection counts: seconds and rows/s to host memory,
-and, where CuPy sees a GPU, the host→device copy into a ``CupyStore``.  Every result is
-checked against the generated vectors.
+and, where CuPy sees a GPU, the host→device copy into a ``CupyStore`` (the block loader
+gathers straight into the store's pinned buffer, the peer's array is pageable).  Then the
+warm restart's data path: the store exported to an index snapshot file (snapshot.py) and read
+back into pinned memory and the GPU (the database's part of a warm start is one small query
+and the changes since).  Every result is checked against the generated vectors.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ def copy_rows_dtype(dim: int) -> np.dtype[Any]:
 
 
 def fill(dsn: str, rows: int, dim: int) -> np.ndarray:
+    # Clustered unit vectors (2,000 clusters), like real embeddings and bench/retrieval.py.
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    centers = rng.standard_normal((2000, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = centers[rng.integers(0, 2000, rows)]
+    vectors += 0.3 / np.sqrt(dim) * rng.standard_normal((rows, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -74,11 +81,66 @@ def peer_copy(dsn: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return rows["id"].astype(np.int64), rows["v"].astype(np.float32)
 
 
-def themis_load(dsn: str, dim: int, connections: int) -> tuple[np.ndarray, np.ndarray]:
+def themis_load(dsn: str, dim: int, connections: int,
+                allocate: Any = None) -> tuple[np.ndarray, np.ndarray]:
     with psycopg.connect(dsn) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         return loader.load_embeddings(conn, dim, connections=connections,
-                                      connect=lambda: psycopg.connect(dsn, autocommit=True))
+                                      connect=lambda: psycopg.connect(dsn, autocommit=True),
+                                      allocate=allocate)
+
+
+def pinned(dim: int) -> Any:
+    """The allocator of a CupyStore (pinned host memory), None without a GPU."""
+    try:
+        from themis_pg.retrieval.cupy_store import CupyStore, cupy_available
+    except ImportError:
+        return None
+    return CupyStore(dim).host_buffer if cupy_available() else None
+
+
+def warm_restart(ids: np.ndarray, vectors: np.ndarray, dim: int, folder: str,
+                 runs: int = 3) -> dict[str, float]:
+    """Seconds to write an index snapshot of a loaded GPU store, and to read it back into
+    pinned memory and a fresh GPU store (median of ``runs``; the file is in the page cache,
+    as after a worker restart on the same host)."""
+    import statistics
+    from pathlib import Path
+
+    import cupy as cp
+
+    from themis_pg.retrieval.cupy_store import CupyStore
+    from themis_pg.retrieval.snapshot import SnapshotMeta, read_arrays, read_header, write_file
+
+    store = CupyStore(dim)
+    store.replace_all(ids, vectors)
+    path = Path(folder) / "bench.snapshot"
+    t0 = time.perf_counter()
+    out_ids, out_vecs = store.export()
+    meta = SnapshotMeta(token="bench", model="bench", dim=dim, rows=len(out_ids), watermark=0,
+                        seen={}, pending=[])
+    write_file(path, meta, out_ids, out_vecs)
+    write_s = time.perf_counter() - t0
+    del store, out_vecs
+    cp.get_default_memory_pool().free_all_blocks()
+    reads, gpus = [], []
+    for _ in range(runs):
+        fresh = CupyStore(dim)
+        cp.cuda.Device().synchronize()
+        t1 = time.perf_counter()
+        got_meta = read_header(path)
+        got_ids, got_vecs = read_arrays(path, got_meta, fresh.host_buffer)
+        t2 = time.perf_counter()
+        fresh.replace_all(got_ids, got_vecs)
+        cp.cuda.Device().synchronize()
+        reads.append(t2 - t1)
+        gpus.append(time.perf_counter() - t2)
+        assert np.array_equal(got_ids, ids) and np.array_equal(got_vecs, vectors)
+        del fresh, got_vecs
+        cp.get_default_memory_pool().free_all_blocks()
+    path.unlink()
+    return {"write_s": write_s, "read_s": statistics.median(reads),
+            "gpu_s": statistics.median(gpus)}
 
 
 def main() -> None:
@@ -89,12 +151,16 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--fill", action="store_true")
     ap.add_argument("--connections", default="1,4,8,16")
+    ap.add_argument("--snapshot-dir", default="/tmp",
+                    help="where the warm-restart run writes its snapshot file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     expected = fill(args.dsn, args.rows, args.dim) if args.fill else None
     results = []
     runs: list[tuple[str, Any]] = [("one COPY (peer)", lambda: peer_copy(args.dsn, args.dim))]
-    runs += [(f"themis blocks, {c} conn", lambda c=c: themis_load(args.dsn, args.dim, int(c)))
+    allocate = pinned(args.dim)
+    runs += [(f"themis blocks, {c} conn", lambda c=c: themis_load(args.dsn, args.dim, int(c),
+                                                                  allocate))
              for c in args.connections.split(",")]
     for label, fn in runs:
         fn()  # warm the server's cache
@@ -123,12 +189,21 @@ def main() -> None:
             pass
         results.append((label, seconds, gpu))
         log.info("%s: %.2f s", label, seconds)
+    warm = None
+    if allocate is not None:
+        warm = warm_restart(ids, vecs, args.dim, args.snapshot_dir)
+        log.info("warm restart: %s", warm)
     print(f"| path ({args.rows:,} x {args.dim}) | to host s | rows/s | to GPU s | total s |")
     print("| --- | --- | --- | --- | --- |")
     for label, seconds, gpu in results:
         total = seconds + (gpu or 0.0)
         print(f"| {label} | {seconds:.2f} | {args.rows / seconds:,.0f} | "
               f"{'–' if gpu is None else f'{gpu:.2f}'} | {total:.2f} |")
+    if warm is not None:
+        total = warm["read_s"] + warm["gpu_s"]
+        print(f"| index snapshot read (warm restart) | {warm['read_s']:.3f} | "
+              f"{args.rows / warm['read_s']:,.0f} | {warm['gpu_s']:.3f} | {total:.3f} |")
+        print(f"\nsnapshot written in {warm['write_s']:.2f} s (export from the GPU + file)")
 
 
 if __name__ == "__main__":

@@ -203,14 +203,171 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
     }
 }
 """
-_kernels: dict[tuple[int, str], Any] = {}
+_SCAN_SELECT = r"""
+#include <cuda_fp16.h>
+/* Small batches (B <= MAXB queries) in one pass over the fp16 matrix: each block scores R
+   consecutive rows against every query (fp32 accumulate) into shared memory, then keeps the
+   best `keep` of them per query (a radix select in shared memory), so the scores never go to
+   global memory and the matrix is read exactly once.  Compiled per dimension (DIM, a multiple
+   of 8: a row is DIM / 8 16-byte loads).  Half a warp scores one row: its lanes load
+   consecutive 16-byte pieces (coalesced) and reduce with shuffles; both halves of a warp step
+   together, so the shuffles always see the whole warp. */
+#define CHUNKS (DIM / 8)
+#define PER_LANE ((CHUNKS + 15) / 16)
+
+__device__ __forceinline__ unsigned int order_key(float f) {
+    const unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The `keep` largest of s[0..n) (block-wide, all threads call it): their indices + base and
+   scores to out_rows/out_scores (unordered); n <= keep writes all n and pads with -1/-inf. */
+__device__ void block_select(const float* s, const int n, const int keep, const long long base,
+                             long long* out_rows, float* out_scores, unsigned int* hist,
+                             unsigned int* st) {
+    if (n <= keep) {
+        for (int i = threadIdx.x; i < keep; i += blockDim.x) {
+            out_rows[i] = i < n ? base + i : -1;
+            out_scores[i] = i < n ? s[i] : __int_as_float(0xff800000);
+        }
+        __syncthreads();
+        return;
+    }
+    if (threadIdx.x == 0) { st[0] = 0u; st[1] = 0u; st[2] = (unsigned int)keep; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        const unsigned int prefix = st[0], mask = st[1];
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const unsigned int key = order_key(s[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int left = (int)st[2];
+            int digit = 255;
+            for (; digit > 0; --digit) {
+                const int c = (int)hist[digit];
+                if (c >= left) break;
+                left -= c;
+            }
+            st[0] = prefix | ((unsigned int)digit << shift);
+            st[1] = mask | (255u << shift);
+            st[2] = (unsigned int)left;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { st[3] = 0u; st[4] = 0u; }
+    __syncthreads();
+    const unsigned int kth = st[0];
+    const int take_eq = (int)st[2], first_eq = keep - take_eq;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const unsigned int key = order_key(s[i]);
+        if (key > kth) {
+            const int at = (int)atomicAdd(&st[3], 1u);
+            out_rows[at] = base + i;
+            out_scores[at] = s[i];
+        } else if (key == kth) {
+            const int at = (int)atomicAdd(&st[4], 1u);
+            if (at < take_eq) {
+                out_rows[first_eq + at] = base + i;
+                out_scores[first_eq + at] = s[i];
+            }
+        }
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void scan_select(const __half* __restrict__ m, const long long rows,
+                                       const float* __restrict__ q, const int B,
+                                       const int keep, const int R,
+                                       long long* __restrict__ out_rows,
+                                       float* __restrict__ out_scores) {
+    extern __shared__ float smem[];
+    float* qs = smem;            /* B x DIM */
+    float* sc = smem + B * DIM;  /* B x R */
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int st[5];
+    for (int i = threadIdx.x; i < B * DIM; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    const long long base = (long long)blockIdx.x * R;
+    const int n = (int)min((long long)R, rows - base);
+    const int lane = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int r0 = 2 * warp; r0 < n; r0 += 2 * warps) {
+        const int r = r0 + half;
+        const bool live = r < n;
+        const uint4* row = reinterpret_cast<const uint4*>(m + (base + (live ? r : 0)) * DIM);
+        uint4 v[PER_LANE];
+        #pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            const int c = lane + 16 * j;
+            v[j] = (live && c < CHUNKS) ? row[c] : make_uint4(0u, 0u, 0u, 0u);
+        }
+        float acc[MAXB];
+        #pragma unroll
+        for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            const int c = lane + 16 * j;
+            if (c < CHUNKS) {
+                const __half2* h = reinterpret_cast<const __half2*>(&v[j]);
+                const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
+                const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+                #pragma unroll
+                for (int b = 0; b < MAXB; ++b) {
+                    if (b < B) {
+                        const float4* qq = reinterpret_cast<const float4*>(qs + b * DIM + c * 8);
+                        const float4 q0 = qq[0], q1 = qq[1];
+                        acc[b] += f0.x * q0.x + f0.y * q0.y + f1.x * q0.z + f1.y * q0.w
+                                + f2.x * q1.x + f2.y * q1.y + f3.x * q1.z + f3.y * q1.w;
+                    }
+                }
+            }
+        }
+        #pragma unroll
+        for (int b = 0; b < MAXB; ++b) {
+            if (b < B) {
+                float a = acc[b];
+                a += __shfl_xor_sync(0xffffffffu, a, 8);
+                a += __shfl_xor_sync(0xffffffffu, a, 4);
+                a += __shfl_xor_sync(0xffffffffu, a, 2);
+                a += __shfl_xor_sync(0xffffffffu, a, 1);
+                if (live && lane == 0) sc[b * R + r] = a;
+            }
+        }
+    }
+    __syncthreads();
+    const long long per_query = (long long)gridDim.x * keep;
+    for (int b = 0; b < B; ++b) {
+        const long long at = b * per_query + (long long)blockIdx.x * keep;
+        block_select(sc + b * R, n, keep, base, out_rows + at, out_scores + at, hist, st);
+    }
+}
+"""
+_kernels: dict[tuple[int, str, tuple[str, ...]], Any] = {}
 
 
-def _kernel(cp: Any, source: str, name: str) -> Any:
-    key = (cp.cuda.Device().id, name)
+def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> Any:
+    key = (cp.cuda.Device().id, name, options)
     if key not in _kernels:
-        _kernels[key] = cp.RawKernel(source, name)
+        _kernels[key] = cp.RawKernel(source, name, options=options)
     return _kernels[key]
+
+
+SMALL_BATCH = 16      # up to this many queries: the one-pass scan (scan_select)
+SMALL_KEEP = 128      # ... when k + MARGIN is at most this
+SMEM_BYTES = 48 * 1024  # dynamic shared memory of one scan_select block (no opt-in needed)
+SCAN_THREADS = 256
+
+
+def scan_rows_per_block(rows: int, b: int, dim: int) -> int:
+    """Rows per scan_select block: about 1,000 blocks or more (enough loads in flight to
+    stream the matrix at full bandwidth), 256 to 4,096 rows, queries and scores in 48 KiB."""
+    fit = (SMEM_BYTES // 4 - b * dim) // b // 256 * 256
+    want = max(256, -(-rows // 1024 // 256) * 256)
+    return max(0, min(fit, 4096, want))
 
 
 def group_max(cp: Any, scores: Any, live: int, group: int, out: Any, offset: int) -> None:
@@ -331,10 +488,13 @@ class CupyStore(RowMap):
             return [[] for _ in range(b)]
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(np.ascontiguousarray(queries, np.float32))
+            k = min(n, size)
             if filters and any(f is not None for f in filters):
                 rows, scores = self._search_filtered(q32, n, filters)
+            elif self._small_ok(b, k):
+                rows, scores = self._search_small(q32, k)
             else:
-                rows, scores = self._search_plain(q32, min(n, size))
+                rows, scores = self._search_plain(q32, k)
             rows_h = cp.asnumpy(rows)
             scores_h = cp.asnumpy(scores)
         return hits(self._ids, rows_h, scores_h)
@@ -364,6 +524,35 @@ class CupyStore(RowMap):
         key = (order_bits << 32) | (0xFFFFFFFF - safe.astype(cp.uint64))
         by = cp.argsort(key, axis=1)[:, ::-1][:, :k]
         return cp.take_along_axis(cand, by, axis=1), cp.take_along_axis(exact, by, axis=1)
+
+    def _small_ok(self, b: int, k: int) -> bool:
+        keep = k + MARGIN
+        return (b <= SMALL_BATCH and keep <= SMALL_KEEP and self.dim % 8 == 0
+                and scan_rows_per_block(self._size, b, self.dim) >= max(256, keep))
+
+    def _search_small(self, q32: Any, k: int) -> tuple[Any, Any]:
+        """A few queries: one pass over the fp16 matrix with the per-block selection fused
+        in (scan_select), a radix select over the blocks' candidates, the exact rescoring of
+        the best ``k + MARGIN`` (see the module doc for why the margin makes it exact)."""
+        cp = self._cp
+        b = q32.shape[0]
+        keep = k + MARGIN
+        size = self._size
+        per_block = scan_rows_per_block(size, b, self.dim)
+        blocks = -(-size // per_block)
+        cand_rows = cp.empty((b, blocks * keep), cp.int64)
+        cand_scores = cp.empty((b, blocks * keep), cp.float32)
+        kernel = _kernel(cp, _SCAN_SELECT, "scan_select",
+                         (f"-DDIM={self.dim}", f"-DMAXB={SMALL_BATCH}"))
+        kernel((blocks,), (SCAN_THREADS,),
+               (self._half, cp.int64(size), cp.ascontiguousarray(q32), cp.int32(b),
+                cp.int32(keep), cp.int32(per_block), cand_rows, cand_scores),
+               shared_mem=4 * b * (self.dim + per_block))
+        if blocks > 1:
+            pick = radix_topk(cp, cand_scores, keep)
+            cand_rows = cp.take_along_axis(cand_rows, pick, axis=1)
+            cand_scores = cp.take_along_axis(cand_scores, pick, axis=1)
+        return self._exact_top(q32, cp.where(cand_scores == -cp.inf, -1, cand_rows), k)
 
     def _search_plain(self, q32: Any, k: int) -> tuple[Any, Any]:
         """Chunk by chunk: fp16 scores, the best groups of the chunk by their maxima, their
