@@ -160,9 +160,9 @@ def main() -> None:
     print(f"| path | p50 ms | p99 ms | recall@{k} | queries/s, {args.clients} clients |")
     print("| --- | --- | --- | --- | --- |")
     for e in results:
-        qps = "–" if e["qps_clients"] is None else f"{e['qps_clients']:,.0f}"
+        rate = "–" if e["qps_clients"] is None else f"{e['qps_clients']:,.0f}"
         print(f"| {e['path']} | {e['p50_ms']:.3f} | {e['p99_ms']:.3f} | {e['recall']:.3f} | "
-              f"{qps} |")
+              f"{rate} |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"rows": rows, "dim": dim, "build_s": build_s, "results": results}, out,
