@@ -6,6 +6,8 @@ skipped with the reason elsewhere).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -182,21 +184,24 @@ def test_export_and_host_buffer_round_trip(kind):
         [[i for i, _ in h] for h in store.search(q, 5)]
 
 
+@pytest.mark.parametrize("path", ["scan", "gemm"])
+@pytest.mark.parametrize("b", [1, 4, 5])
+@pytest.mark.parametrize("dim", [384, 768, 12])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
-@pytest.mark.parametrize("b", [1, 5, 16, 17])
-@pytest.mark.parametrize("dim", [384, 768, 12])
-def test_gpu_one_pass_scan_matches_the_reference_and_the_gemm_path(b, dim):
-    """Small batches take the fused scan (many blocks, a partial last block); it must give
-    what the GEMM path and the float64 reference give.  17 queries and dim 12 take the GEMM
-    path (the check that both stay exact)."""
-    from themis_pg.retrieval.cupy_store import CupyStore
+def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
+    """The one-pass scan (small batches; many blocks, a partial last block) and the GEMM
+    path (forced by SMALL_BATCH = 0) against the float64 reference.  dim 12 is not a multiple
+    of 8: it always takes the GEMM path."""
+    from themis_pg.retrieval import cupy_store
 
+    if path == "gemm":
+        monkeypatch.setattr(cupy_store, "SMALL_BATCH", 0)
     rng = np.random.default_rng(b * 1000 + dim)
     n = 150_001
     matrix = clustered(rng, n, dim, 300)
     ids = np.arange(n, dtype=np.int64) * 3
-    store = CupyStore(dim)
+    store = cupy_store.CupyStore(dim)
     store.replace_all(ids, matrix)
     queries = np.concatenate([unit(rng, b - 1, dim), matrix[n - 1:n]])  # the last row too
     for k in (1, 10, 100):
@@ -205,8 +210,35 @@ def test_gpu_one_pass_scan_matches_the_reference_and_the_gemm_path(b, dim):
         assert all(len(g) == k for g in got)
         assert recall(got, want) == 1.0
         assert got[-1][0][0] == ids[-1], "a query equal to the last row must find it first"
-        with store._cp.cuda.Device(0):
-            q32 = store._cp.asarray(queries)
-            plain_rows, _ = store._search_plain(q32, k)
-        assert [[i for i, _ in g] for g in got] == \
-            [[int(ids[r]) for r in row] for row in store._cp.asnumpy(plain_rows)]
+        for g in got:
+            assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
+
+
+@pytest.mark.parametrize("b", [1, 8])
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
+def test_gpu_near_ties_the_bound_cannot_certify_fall_back_to_exact(b, monkeypatch):
+    """Thousands of rows within fp16 rounding of each other around the query: the candidates
+    cannot be certified, so the store must rescan exactly and still return the fp32 order."""
+    from themis_pg.retrieval import cupy_store
+
+    rng = np.random.default_rng(3)
+    dim = 384
+    center = unit(rng, 1, dim)[0]
+    near = center + 0.05 * rng.standard_normal((5000, dim)).astype(np.float32) / np.sqrt(dim)
+    matrix = np.concatenate([near, unit(rng, 100_000, dim)])
+    matrix = (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(len(matrix), dtype=np.int64)
+    store = cupy_store.CupyStore(dim)
+    store.replace_all(ids, matrix)
+    exact_calls = []
+    real = store._search_exact
+    monkeypatch.setattr(store, "_search_exact",
+                        lambda q, k: exact_calls.append(len(q)) or real(q, k))
+    queries = np.repeat(center[None, :], b, axis=0)
+    got = store.search(queries, 50)
+    assert exact_calls, "the near-ties should not have been certified"
+    assert recall(got, reference(matrix, ids, queries, 50)) == 1.0
+    full32 = matrix @ center
+    for g in got:
+        assert [i for i, _ in g] == sorted((i for i, _ in g), key=lambda i: (-full32[i], i))

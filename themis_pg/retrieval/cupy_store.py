@@ -17,10 +17,19 @@ One search of ``b`` queries:
 3. the rows of those groups are ranked by their fp16 scores, the best ``k + margin`` of them
    are rescored exactly in fp32, and the best k returned.
 
-The margin absorbs fp16 rounding (scores are within about 1e-3 of the exact ones): a row
-whose exact score is in the top k but whose fp16 score falls outside the top ``k + margin``
-would need a rounding error larger than the score gap across ``margin`` rows.  Recall against
-a float64 reference is measured by ``bench/retrieval.py`` and tested in tests/test_store.py.
+Exactness is checked, not assumed.  Every row's approximate score is within ``eps`` of its
+exact fp32 score (rounding a unit vector to fp16 moves a dot product with a unit query by at
+most 2^-11; the GEMM path also rounds the query and the score: 3 x 2^-11, with cuBLAS
+accumulating in fp32).  Any row that is not a candidate scores at most ``a``, the lowest
+approximate score among the ``k + margin`` candidates kept.  So when the k-th exact score is at
+least ``a + eps``, no row outside the candidates can beat it and the answer is exact; a query
+where that does not hold (many rows within ``eps`` of its k-th score) is searched again with a
+wider margin, then by an exact fp32 scan.  Recall against a float64 reference is measured by
+``bench/retrieval.py`` and tested in tests/test_store.py.
+
+Small batches (up to ``SMALL_BATCH`` queries) take one pass: ``scan_select`` scores a block of
+rows against the queries in shared memory and keeps the block's best candidates, so no score
+matrix is written; the blocks' candidates are merged by two radix selections.
 
 Rows are swap-deleted and the matrix grows geometrically (capacity doubles; a grow copies on
 the device, never from the host), so an insert costs O(1) amortised.
@@ -41,7 +50,10 @@ log = logging.getLogger(__name__)
 GROUP = 32          # fewest rows per group for the group-maximum pruning
 MAX_GROUP = 256     # most rows per group (candidates per kept group)
 TARGET_GROUPS = 8192  # groups per query beyond which the group size doubles
-MARGIN = 16         # extra groups and extra rows rescored beyond k
+MARGIN = 16         # extra groups and extra rows rescored beyond k (first try)
+WIDE_MARGIN = 112   # the second try, for queries the first could not certify
+EPS_SCAN = 2.0 ** -11 + 1e-4  # |approximate - exact fp32 score|, one-pass scan (fp32 query)
+EPS_GEMM = 3 * 2.0 ** -11 + 1e-4  # the same, GEMM path (fp16 query and fp16 scores)
 CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
 
 
@@ -292,49 +304,60 @@ extern "C" __global__ void scan_select(const __half* __restrict__ m, const long 
     for (int i = threadIdx.x; i < B * DIM; i += blockDim.x) qs[i] = q[i];
     __syncthreads();
     const long long base = (long long)blockIdx.x * R;
-    const int n = (int)min((long long)R, rows - base);
+    /* blocks past the end (the grid is padded to whole segments) have n <= 0: padding only */
+    const int n = (int)max(0LL, min((long long)R, rows - base));
     const int lane = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int r0 = 2 * warp; r0 < n; r0 += 2 * warps) {
-        const int r = r0 + half;
-        const bool live = r < n;
-        const uint4* row = reinterpret_cast<const uint4*>(m + (base + (live ? r : 0)) * DIM);
-        uint4 v[PER_LANE];
+    for (int r0 = 4 * warp; r0 < n; r0 += 4 * warps) {
+        /* rows r0 + half and r0 + 2 + half: two rows per half-warp, loads in flight for both */
+        uint4 v[2][PER_LANE];
+        bool live[2];
         #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            const int c = lane + 16 * j;
-            v[j] = (live && c < CHUNKS) ? row[c] : make_uint4(0u, 0u, 0u, 0u);
-        }
-        float acc[MAXB];
-        #pragma unroll
-        for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
-        #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            const int c = lane + 16 * j;
-            if (c < CHUNKS) {
-                const __half2* h = reinterpret_cast<const __half2*>(&v[j]);
-                const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
-                const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
-                #pragma unroll
-                for (int b = 0; b < MAXB; ++b) {
-                    if (b < B) {
-                        const float4* qq = reinterpret_cast<const float4*>(qs + b * DIM + c * 8);
-                        const float4 q0 = qq[0], q1 = qq[1];
-                        acc[b] += f0.x * q0.x + f0.y * q0.y + f1.x * q0.z + f1.y * q0.w
-                                + f2.x * q1.x + f2.y * q1.y + f3.x * q1.z + f3.y * q1.w;
-                    }
-                }
+        for (int u = 0; u < 2; ++u) {
+            const int r = r0 + 2 * u + half;
+            live[u] = r < n;
+            const uint4* row =
+                reinterpret_cast<const uint4*>(m + (base + (live[u] ? r : 0)) * DIM);
+            #pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int c = lane + 16 * j;
+                v[u][j] = (live[u] && c < CHUNKS) ? row[c] : make_uint4(0u, 0u, 0u, 0u);
             }
         }
         #pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < B) {
-                float a = acc[b];
-                a += __shfl_xor_sync(0xffffffffu, a, 8);
-                a += __shfl_xor_sync(0xffffffffu, a, 4);
-                a += __shfl_xor_sync(0xffffffffu, a, 2);
-                a += __shfl_xor_sync(0xffffffffu, a, 1);
-                if (live && lane == 0) sc[b * R + r] = a;
+        for (int u = 0; u < 2; ++u) {
+            float acc[MAXB];
+            #pragma unroll
+            for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int c = lane + 16 * j;
+                if (c < CHUNKS) {
+                    const __half2* h = reinterpret_cast<const __half2*>(&v[u][j]);
+                    const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
+                    const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+                    #pragma unroll
+                    for (int b = 0; b < MAXB; ++b) {
+                        if (b < B) {
+                            const float4* qq =
+                                reinterpret_cast<const float4*>(qs + b * DIM + c * 8);
+                            const float4 q0 = qq[0], q1 = qq[1];
+                            acc[b] += f0.x * q0.x + f0.y * q0.y + f1.x * q0.z + f1.y * q0.w
+                                    + f2.x * q1.x + f2.y * q1.y + f3.x * q1.z + f3.y * q1.w;
+                        }
+                    }
+                }
+            }
+            #pragma unroll
+            for (int b = 0; b < MAXB; ++b) {
+                if (b < B) {
+                    float a = acc[b];
+                    a += __shfl_xor_sync(0xffffffffu, a, 8);
+                    a += __shfl_xor_sync(0xffffffffu, a, 4);
+                    a += __shfl_xor_sync(0xffffffffu, a, 2);
+                    a += __shfl_xor_sync(0xffffffffu, a, 1);
+                    if (live[u] && lane == 0) sc[b * R + r0 + 2 * u + half] = a;
+                }
             }
         }
     }
@@ -356,8 +379,10 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
     return _kernels[key]
 
 
-SMALL_BATCH = 16      # up to this many queries: the one-pass scan (scan_select)
-SMALL_KEEP = 128      # ... when k + MARGIN is at most this
+SMALL_BATCH = 4       # up to this many queries: the one-pass scan (scan_select); more
+                      # queries make it bound by shared-memory reads of the queries
+SMALL_KEEP = 128      # ... when k + margin is at most this
+SEGMENTS = 8          # first merge of the blocks' candidates: this many selections a query
 SMEM_BYTES = 48 * 1024  # dynamic shared memory of one scan_select block (no opt-in needed)
 SCAN_THREADS = 256
 
@@ -488,13 +513,10 @@ class CupyStore(RowMap):
             return [[] for _ in range(b)]
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(np.ascontiguousarray(queries, np.float32))
-            k = min(n, size)
             if filters and any(f is not None for f in filters):
                 rows, scores = self._search_filtered(q32, n, filters)
-            elif self._small_ok(b, k):
-                rows, scores = self._search_small(q32, k)
             else:
-                rows, scores = self._search_plain(q32, k)
+                rows, scores = self._search_certified(q32, min(n, size))
             rows_h = cp.asnumpy(rows)
             scores_h = cp.asnumpy(scores)
         return hits(self._ids, rows_h, scores_h)
@@ -525,44 +547,85 @@ class CupyStore(RowMap):
         by = cp.argsort(key, axis=1)[:, ::-1][:, :k]
         return cp.take_along_axis(cand, by, axis=1), cp.take_along_axis(exact, by, axis=1)
 
-    def _small_ok(self, b: int, k: int) -> bool:
-        keep = k + MARGIN
+    def _small_ok(self, b: int, keep: int) -> bool:
         return (b <= SMALL_BATCH and keep <= SMALL_KEEP and self.dim % 8 == 0
                 and scan_rows_per_block(self._size, b, self.dim) >= max(256, keep))
 
-    def _search_small(self, q32: Any, k: int) -> tuple[Any, Any]:
-        """A few queries: one pass over the fp16 matrix with the per-block selection fused
-        in (scan_select), a radix select over the blocks' candidates, the exact rescoring of
-        the best ``k + MARGIN`` (see the module doc for why the margin makes it exact)."""
+    def _search_certified(self, q32: Any, k: int) -> tuple[Any, Any]:
+        """Candidates by the one-pass scan or the GEMM path, rescored exactly; queries whose
+        answer the bound cannot certify (module doc) go again with a wider margin, then to
+        an exact fp32 scan."""
+        cp = self._cp
+        rows = cp.full((q32.shape[0], k), -1, cp.int64)
+        scores = cp.full((q32.shape[0], k), -cp.inf, cp.float32)
+        todo = cp.arange(q32.shape[0])
+        for margin in (MARGIN, WIDE_MARGIN):
+            keep = min(k + margin, self._size)
+            q = q32[todo]
+            if self._small_ok(len(todo), keep):
+                cand, approx = self._candidates_scan(q, keep)
+                eps = EPS_SCAN
+            else:
+                cand, approx = self._candidates_gemm(q, keep)
+                eps = EPS_GEMM
+            got_rows, got_scores = self._exact_top(q, cp.where(approx == -cp.inf, -1, cand), k)
+            floor = cp.where(approx == -cp.inf, cp.inf, approx).min(axis=1)
+            # every row was a candidate (fewer than keep, or padding among them), or no other
+            # row can beat the k-th
+            complete = keep >= self._size or approx.shape[1] < keep
+            ok = (approx == -cp.inf).any(axis=1) | (got_scores[:, k - 1] >= floor + eps)
+            if complete:
+                ok[:] = True
+            rows[todo[ok]] = got_rows[ok]
+            scores[todo[ok]] = got_scores[ok]
+            todo = todo[~ok]
+            if not len(todo):
+                return rows, scores
+            log.debug("%d queries not certified with margin %d", len(todo), margin)
+        exact_rows, exact_scores = self._search_exact(q32[todo], k)
+        rows[todo] = exact_rows
+        scores[todo] = exact_scores
+        return rows, scores
+
+    def _candidates_scan(self, q32: Any, keep: int) -> tuple[Any, Any]:
+        """The best ``keep`` rows per query by one pass over the fp16 matrix (scan_select),
+        their blocks' candidates merged by two radix selections; (rows, approximate scores),
+        -inf where there are fewer rows."""
         cp = self._cp
         b = q32.shape[0]
-        keep = k + MARGIN
         size = self._size
         per_block = scan_rows_per_block(size, b, self.dim)
         blocks = -(-size // per_block)
+        segments = SEGMENTS if blocks >= 4 * SEGMENTS else 1
+        blocks = -(-blocks // segments) * segments  # whole segments; extra blocks pad
         cand_rows = cp.empty((b, blocks * keep), cp.int64)
         cand_scores = cp.empty((b, blocks * keep), cp.float32)
-        kernel = _kernel(cp, _SCAN_SELECT, "scan_select",
-                         (f"-DDIM={self.dim}", f"-DMAXB={SMALL_BATCH}"))
+        maxb = 1 << (b - 1).bit_length()  # 1, 2, 4: accumulators in registers
+        kernel = _kernel(cp, _SCAN_SELECT, "scan_select", (f"-DDIM={self.dim}", f"-DMAXB={maxb}"))
         kernel((blocks,), (SCAN_THREADS,),
                (self._half, cp.int64(size), cp.ascontiguousarray(q32), cp.int32(b),
                 cp.int32(keep), cp.int32(per_block), cand_rows, cand_scores),
                shared_mem=4 * b * (self.dim + per_block))
-        if blocks > 1:
+        if segments > 1:  # per segment, then across segments
+            seg_rows = cand_rows.reshape(b * segments, -1)
+            seg_scores = cand_scores.reshape(b * segments, -1)
+            pick = radix_topk(cp, seg_scores, keep)
+            cand_rows = cp.take_along_axis(seg_rows, pick, axis=1).reshape(b, -1)
+            cand_scores = cp.take_along_axis(seg_scores, pick, axis=1).reshape(b, -1)
+        if cand_scores.shape[1] > keep:
             pick = radix_topk(cp, cand_scores, keep)
             cand_rows = cp.take_along_axis(cand_rows, pick, axis=1)
             cand_scores = cp.take_along_axis(cand_scores, pick, axis=1)
-        return self._exact_top(q32, cp.where(cand_scores == -cp.inf, -1, cand_rows), k)
+        return cand_rows, cand_scores
 
-    def _search_plain(self, q32: Any, k: int) -> tuple[Any, Any]:
-        """Chunk by chunk: fp16 scores, the best groups of the chunk by their maxima, their
-        scores gathered while the chunk is at hand; then one selection over all chunks'
-        candidates and the exact rescoring of the best ``k + MARGIN``."""
+    def _candidates_gemm(self, q32: Any, keep: int) -> tuple[Any, Any]:
+        """The best ``keep`` rows per query, chunk by chunk: fp16 scores by one GEMM, the best
+        groups of the chunk by their maxima, their scores gathered while the chunk is at hand;
+        then one selection over all chunks' candidates.  (rows, approximate scores)."""
         cp = self._cp
         size = self._size
         b = q32.shape[0]
         q16 = q32.astype(cp.float16)
-        keep = k + MARGIN
         # groups of at least GROUP rows, about TARGET_GROUPS of them: short rows of maxima
         # for the one-block-per-query selection, few candidates per group kept
         group = GROUP
@@ -592,7 +655,16 @@ class CupyStore(RowMap):
             pick = radix_topk(cp, approx, keep)
             rows = cp.take_along_axis(rows, pick, axis=1)
             approx = cp.take_along_axis(approx, pick, axis=1)
-        return self._exact_top(q32, cp.where(approx == -cp.inf, -1, rows), k)
+        return rows, approx
+
+    def _search_exact(self, q32: Any, k: int) -> tuple[Any, Any]:
+        """Exact fp32 scores over every row (the last resort of an uncertified query)."""
+        cp = self._cp
+        size = self._size
+        scores = q32 @ self._full[:size].T
+        part = radix_topk(cp, scores, k) if k < size else \
+            cp.ascontiguousarray(cp.broadcast_to(cp.arange(size), (scores.shape[0], size)))
+        return self._exact_top(q32, part, k)
 
     def _search_filtered(self, q32: Any, n: int,
                          filters: Sequence[SearchFilter | None]) -> tuple[Any, Any]:

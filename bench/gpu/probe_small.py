@@ -1,0 +1,53 @@
+"""Stage timings of CupyStore's search paths on 1M x 384 (a diagnostic for the GPU machine):
+candidates by the one-pass scan and by the GEMM path, the whole search from host memory, and
+the one-query matmul (the read floor)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cupy as cp
+import numpy as np
+
+from themis_pg.retrieval import cupy_store as cs
+
+
+def timed(label: str, fn: Callable[[], Any], runs: int = 50) -> None:
+    sync = cp.cuda.Device().synchronize
+    for _ in range(5):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    print(f"{label}: {np.median(times):.3f} ms")
+
+
+def main() -> None:
+    n, dim, k = 1_000_000, 384, 10
+    keep = k + cs.MARGIN
+    rs = cp.random.RandomState(1)
+    full = rs.standard_normal((n, dim), dtype=cp.float32)
+    full /= cp.linalg.norm(full, axis=1, keepdims=True)
+    store = cs.CupyStore(dim)
+    store.replace_all(np.arange(n, dtype=np.int64), full)
+    for b in (1, 4, 16):
+        host = cp.asnumpy(full[:b])
+        q32 = cp.asarray(host)
+        print(f"b={b}: rows per block {cs.scan_rows_per_block(n, b, dim)}, "
+              f"one pass: {store._small_ok(b, k + cs.MARGIN)}")
+        if store._small_ok(b, keep):
+            timed("  candidates, one-pass scan", lambda q=q32: store._candidates_scan(q, keep))
+        timed("  candidates, GEMM path", lambda q=q32: store._candidates_gemm(q, keep))
+        timed("  search() from host memory", lambda h=host: store.search(h, k))
+        timed("  matmul alone", lambda q=q32: q.astype(cp.float16) @ store._half[:n].T)
+
+
+if __name__ == "__main__":
+    main()
