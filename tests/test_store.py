@@ -231,10 +231,14 @@ def test_gpu_near_ties_the_bound_cannot_certify_fall_back_to_exact(b, monkeypatc
     ids = np.arange(len(matrix), dtype=np.int64)
     store = cupy_store.CupyStore(dim)
     store.replace_all(ids, matrix)
-    exact_calls = []
+    exact_calls: list[int] = []
     real = store._search_exact
-    monkeypatch.setattr(store, "_search_exact",
-                        lambda q, k: exact_calls.append(len(q)) or real(q, k))
+
+    def spy(q, k):
+        exact_calls.append(len(q))
+        return real(q, k)
+
+    monkeypatch.setattr(store, "_search_exact", spy)
     queries = np.repeat(center[None, :], b, axis=0)
     got = store.search(queries, 50)
     assert exact_calls, "the near-ties should not have been certified"

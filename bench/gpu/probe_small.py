@@ -42,11 +42,15 @@ def main() -> None:
         q32 = cp.asarray(host)
         print(f"b={b}: rows per block {cs.scan_rows_per_block(n, b, dim)}, "
               f"one pass: {store._small_ok(b, k + cs.MARGIN)}")
+        stages: list[tuple[str, Callable[[], Any]]] = [
+            ("candidates, GEMM path", lambda: store._candidates_gemm(q32, keep)),  # noqa: B023
+            ("search() from host memory", lambda: store.search(host, k)),  # noqa: B023
+            ("matmul alone", lambda: q32.astype(cp.float16) @ store._half[:n].T)]  # noqa: B023
         if store._small_ok(b, keep):
-            timed("  candidates, one-pass scan", lambda q=q32: store._candidates_scan(q, keep))
-        timed("  candidates, GEMM path", lambda q=q32: store._candidates_gemm(q, keep))
-        timed("  search() from host memory", lambda h=host: store.search(h, k))
-        timed("  matmul alone", lambda q=q32: q.astype(cp.float16) @ store._half[:n].T)
+            stages.insert(0, ("candidates, one-pass scan",
+                              lambda: store._candidates_scan(q32, keep)))  # noqa: B023
+        for label, fn in stages:
+            timed("  " + label, fn)
 
 
 if __name__ == "__main__":
