@@ -470,12 +470,18 @@ class CupyStore(RowMap):
         pinned array); ``vectors`` may already be a CuPy array."""
         cp = self._cp
         n = len(ids)
+        capacity = max(n, 1024)
         with cp.cuda.Device(self.device_id):
-            full = cp.ascontiguousarray(cp.asarray(vectors, dtype=cp.float32))
-            self._full = cp.zeros((max(n, 1024), self.dim), cp.float32)
-            self._full[:n] = full
-            self._half = self._full.astype(cp.float16)
-        self._set_all_ids(ids, max(n, 1024))
+            self._full = self._half = None  # free the old matrix before allocating the new
+            full = cp.empty((capacity, self.dim), cp.float32)
+            if isinstance(vectors, cp.ndarray):
+                full[:n] = vectors
+            elif n:  # one copy from host memory, straight into place
+                full[:n].set(np.ascontiguousarray(vectors, np.float32))
+            full[n:] = 0
+            self._full = full
+            self._half = full.astype(cp.float16)
+        self._set_all_ids(ids, capacity)
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
         import cupyx

@@ -42,18 +42,69 @@ def vector_send_dtype(dim: int) -> np.dtype[Any]:
 
 def parse_block(count: int, ids: bytes | None, vectors: bytes | None,
                 dim: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """One block as (ids, float32 vectors); ValueError if it is malformed."""
     if not count:
         return np.empty(0, np.int64), np.empty((0, dim), np.float32)
+    id_arr, rows = _views(count, ids, vectors, dim)
+    return id_arr.astype(np.int64), rows["vec"].astype(np.float32)
+
+
+class _Gather:
+    """Where parsed blocks go: straight into one preallocated buffer (a block claims the next
+    free rows under a lock, then byte-swaps its vectors into place outside it), so a million
+    rows cost no concatenation pass; blocks past the buffer's estimated size are kept aside and
+    appended at the end."""
+
+    def __init__(self, capacity: int, dim: int,
+                 allocate: Callable[[tuple[int, ...], Any], npt.NDArray[Any]]) -> None:
+        self.ids = np.empty(capacity, np.int64)
+        self.vectors = allocate((capacity, dim), np.float32) if capacity else \
+            np.empty((0, dim), np.float32)
+        self.used = 0
+        self.extra: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = []
+        self._lock = threading.Lock()
+        self.dim = dim
+
+    def add(self, count: int, ids: bytes | None, vectors: bytes | None) -> None:
+        if not count:
+            return
+        id_arr, rows = _views(count, ids, vectors, self.dim)
+        with self._lock:
+            start = self.used
+            fits = start + count <= len(self.ids)
+            if fits:
+                self.used += count
+        if fits:
+            self.ids[start:start + count] = id_arr
+            self.vectors[start:start + count] = rows["vec"]
+        else:
+            with self._lock:
+                self.extra.append((id_arr.astype(np.int64), rows["vec"].astype(np.float32)))
+
+    def result(self, allocate: Callable[[tuple[int, ...], Any], npt.NDArray[Any]]
+               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        if not self.extra:
+            return self.ids[:self.used], self.vectors[:self.used]
+        log.info("the row estimate was low by %d rows: one extra copy",
+                 sum(len(i) for i, _ in self.extra))
+        ids = np.concatenate([self.ids[:self.used], *(i for i, _ in self.extra)])
+        vectors = allocate((len(ids), self.dim), np.float32)
+        np.concatenate([self.vectors[:self.used], *(v for _, v in self.extra)], out=vectors)
+        return ids, vectors
+
+
+def _views(count: int, ids: bytes | None, vectors: bytes | None, dim: int
+           ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     assert ids is not None and vectors is not None
-    id_arr = np.frombuffer(ids, ">i8").astype(np.int64)
+    id_arr = np.frombuffer(ids, ">i8")
     rows = np.frombuffer(vectors, vector_send_dtype(dim))
     if len(id_arr) != count or len(rows) != count or np.any(rows["dim"] != dim):
         raise ValueError("a block of embeddings came back malformed")
-    return id_arr, rows["vec"].astype(np.float32)
+    return id_arr, rows
 
 
 def _read_ranges(conn: psycopg.Connection[Any], ranges: list[tuple[int, int]], dim: int,
-                 out: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]) -> None:
+                 out: _Gather) -> None:
     for start in range(0, len(ranges), PIPELINE_DEPTH):
         batch = ranges[start:start + PIPELINE_DEPTH]
         with conn.pipeline():
@@ -63,7 +114,7 @@ def _read_ranges(conn: psycopg.Connection[Any], ranges: list[tuple[int, int]], d
         for cur in cursors:
             row = cur.fetchone()
             assert row is not None
-            out.append(parse_block(int(row[0]), row[1], row[2], dim))
+            out.add(int(row[0]), row[1], row[2])
 
 
 def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
@@ -81,19 +132,24 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
     default ``np.empty``).
     """
     started = time.perf_counter()
-    bounds = conn.execute("SELECT min(id), max(id) FROM themis.documents").fetchone()
+    allocate = allocate or np.empty
+    bounds = conn.execute(
+        "SELECT min(id), max(id), (SELECT reltuples FROM pg_class "
+        "WHERE oid = 'themis.documents'::regclass) FROM themis.documents").fetchone()
     if bounds is None or bounds[0] is None:
         return np.empty(0, np.int64), np.empty((0, dim), np.float32)
     lo, hi = int(bounds[0]), int(bounds[1]) + 1
     ranges = [(a, min(a + BLOCK_ROWS, hi)) for a in range(lo, hi, BLOCK_ROWS)]
-    parts: list[list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]]
+    # Room for the planner's row estimate (a little over, for rows added since it was made),
+    # never more than the id range can hold.
+    estimate = float(bounds[2]) if bounds[2] is not None and float(bounds[2]) >= 0 else hi - lo
+    gather = _Gather(int(min(hi - lo, estimate * 1.05 + BLOCK_ROWS)), dim, allocate)
     if connect is None or connections <= 1 or len(ranges) < 2 * connections:
-        parts = [[]]
-        _read_ranges(conn, ranges, dim, parts[0])
+        _read_ranges(conn, ranges, dim, gather)
+        used = 1
     else:
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         share = [ranges[i::connections] for i in range(connections)]
-        parts = [[] for _ in share]
         errors: list[BaseException] = []
 
         def read(i: int) -> None:
@@ -104,7 +160,7 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
                         other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
                             sql.Literal(snapshot)))
-                        _read_ranges(other, share[i], dim, parts[i])
+                        _read_ranges(other, share[i], dim, gather)
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
 
@@ -116,14 +172,9 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
             t.join()
         if errors:
             raise errors[0]
-    flat = [p for part in parts for p in part if len(p[0])]
-    if not flat:
-        return np.empty(0, np.int64), np.empty((0, dim), np.float32)
-    ids = np.concatenate([p[0] for p in flat])
-    vectors = (allocate or np.empty)((len(ids), dim), np.float32)
-    np.concatenate([p[1] for p in flat], out=vectors)
+        used = connections
+    ids, vectors = gather.result(allocate)
     seconds = time.perf_counter() - started
     log.info("read %d embeddings in %.2f s (%.0f rows/s, %d connection(s))", len(ids), seconds,
-             len(ids) / max(seconds, 1e-9), len(parts))
+             len(ids) / max(seconds, 1e-9), used)
     return ids, vectors
-
