@@ -243,6 +243,7 @@ def test_gpu_near_ties_the_bound_cannot_certify_fall_back_to_exact(b, monkeypatc
     got = store.search(queries, 50)
     assert exact_calls, "the near-ties should not have been certified"
     assert recall(got, reference(matrix, ids, queries, 50)) == 1.0
-    full32 = matrix @ center
+    full32 = matrix @ center  # fp32 sums in another order: equal to about 1e-7
     for g in got:
-        assert [i for i, _ in g] == sorted((i for i, _ in g), key=lambda i: (-full32[i], i))
+        assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
+        assert all(abs(full32[i] - s) < 1e-6 for i, s in g)

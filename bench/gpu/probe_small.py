@@ -49,6 +49,17 @@ def main() -> None:
         if store._small_ok(b, keep):
             stages.insert(0, ("candidates, one-pass scan",
                               lambda: store._candidates_scan(q32, keep)))  # noqa: B023
+            per = cs.scan_rows_per_block(n, b, dim)
+            blocks = -(-n // per)
+            rows = cp.empty((b, blocks * keep), cp.int64)
+            scores = cp.empty((b, blocks * keep), cp.float32)
+            maxb = 1 << (b - 1).bit_length()
+            kernel = cs._kernel(cp, cs._SCAN_SELECT, "scan_select",
+                                (f"-DDIM={dim}", f"-DMAXB={maxb}"))
+            stages.insert(0, ("scan_select kernel alone", lambda: kernel(  # noqa: B023
+                (blocks,), (cs.SCAN_THREADS,),  # noqa: B023
+                (store._half, cp.int64(n), q32, cp.int32(b), cp.int32(keep),  # noqa: B023
+                 cp.int32(per), rows, scores), shared_mem=4 * b * (dim + per))))  # noqa: B023
         for label, fn in stages:
             timed("  " + label, fn)
 

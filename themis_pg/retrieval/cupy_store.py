@@ -580,7 +580,9 @@ class CupyStore(RowMap):
             # row can beat the k-th
             complete = keep >= self._size or approx.shape[1] < keep
             ok = (approx == -cp.inf).any(axis=1) | (got_scores[:, k - 1] >= floor + eps)
-            if complete:
+            if complete or (margin == MARGIN and bool(ok.all())):  # the usual case: one sync
+                if margin == MARGIN:
+                    return got_rows, got_scores
                 ok[:] = True
             rows[todo[ok]] = got_rows[ok]
             scores[todo[ok]] = got_scores[ok]
