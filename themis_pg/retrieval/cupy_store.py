@@ -419,6 +419,14 @@ def radix_topk(cp: Any, x: Any, k: int) -> Any:
     return out
 
 
+def gather(cp: Any, x: Any, idx: Any) -> Any:
+    """``take_along_axis(x, idx, axis=1)`` for 2-D arrays in two kernels (CuPy's builds
+    broadcast index arrays: several launches, which is what small batches pay for)."""
+    width = x.shape[1]
+    flat = cp.ascontiguousarray(x).reshape(-1)
+    return flat[idx + cp.arange(0, x.shape[0] * width, width, dtype=idx.dtype)[:, None]]
+
+
 def cupy_available() -> bool:
     """True when CuPy imports and sees a CUDA device."""
     try:
@@ -537,8 +545,9 @@ class CupyStore(RowMap):
         b, c = cand.shape
         if c <= 64 and k <= c:
             cand = cp.ascontiguousarray(cand, dtype=cp.int64)
-            rows = cp.full((b, k), -1, cp.int64)
-            scores = cp.full((b, k), -cp.inf, cp.float32)
+            # c >= k: every rank below c is written once, so all k outputs are
+            rows = cp.empty((b, k), cp.int64)
+            scores = cp.empty((b, k), cp.float32)
             _kernel(cp, _EXACT_RANK, "exact_rank")(
                 (b,), (256,), (cp.ascontiguousarray(q32), self._full, cand, cp.int32(c),
                                cp.int32(self.dim), cp.int32(k), rows, scores))
@@ -551,7 +560,7 @@ class CupyStore(RowMap):
         order_bits = cp.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
         key = (order_bits << 32) | (0xFFFFFFFF - safe.astype(cp.uint64))
         by = cp.argsort(key, axis=1)[:, ::-1][:, :k]
-        return cp.take_along_axis(cand, by, axis=1), cp.take_along_axis(exact, by, axis=1)
+        return gather(cp, cand, by), gather(cp, exact, by)
 
     def _small_ok(self, b: int, keep: int) -> bool:
         return (b <= SMALL_BATCH and keep <= SMALL_KEEP and self.dim % 8 == 0
@@ -575,11 +584,10 @@ class CupyStore(RowMap):
                 cand, approx = self._candidates_gemm(q, keep)
                 eps = EPS_GEMM
             got_rows, got_scores = self._exact_top(q, cp.where(approx == -cp.inf, -1, cand), k)
-            floor = cp.where(approx == -cp.inf, cp.inf, approx).min(axis=1)
-            # every row was a candidate (fewer than keep, or padding among them), or no other
-            # row can beat the k-th
+            # No other row can beat the k-th; a query with padding (-inf) among its candidates
+            # had every row as a candidate, and -inf + eps passes the test too.
             complete = keep >= self._size or approx.shape[1] < keep
-            ok = (approx == -cp.inf).any(axis=1) | (got_scores[:, k - 1] >= floor + eps)
+            ok = got_scores[:, k - 1] >= approx.min(axis=1) + eps
             if complete or (margin == MARGIN and bool(ok.all())):  # the usual case: one sync
                 if margin == MARGIN:
                     return got_rows, got_scores
@@ -604,7 +612,7 @@ class CupyStore(RowMap):
         size = self._size
         per_block = scan_rows_per_block(size, b, self.dim)
         blocks = -(-size // per_block)
-        segments = SEGMENTS if blocks >= 4 * SEGMENTS else 1
+        segments = SEGMENTS if blocks >= 2048 else 1  # one selection is fast to ~50k
         blocks = -(-blocks // segments) * segments  # whole segments; extra blocks pad
         cand_rows = cp.empty((b, blocks * keep), cp.int64)
         cand_scores = cp.empty((b, blocks * keep), cp.float32)
@@ -618,12 +626,12 @@ class CupyStore(RowMap):
             seg_rows = cand_rows.reshape(b * segments, -1)
             seg_scores = cand_scores.reshape(b * segments, -1)
             pick = radix_topk(cp, seg_scores, keep)
-            cand_rows = cp.take_along_axis(seg_rows, pick, axis=1).reshape(b, -1)
-            cand_scores = cp.take_along_axis(seg_scores, pick, axis=1).reshape(b, -1)
+            cand_rows = gather(cp, seg_rows, pick).reshape(b, -1)
+            cand_scores = gather(cp, seg_scores, pick).reshape(b, -1)
         if cand_scores.shape[1] > keep:
             pick = radix_topk(cp, cand_scores, keep)
-            cand_rows = cp.take_along_axis(cand_rows, pick, axis=1)
-            cand_scores = cp.take_along_axis(cand_scores, pick, axis=1)
+            cand_rows = gather(cp, cand_rows, pick)
+            cand_scores = gather(cp, cand_scores, pick)
         return cand_rows, cand_scores
 
     def _candidates_gemm(self, q32: Any, keep: int) -> tuple[Any, Any]:
@@ -654,15 +662,15 @@ class CupyStore(RowMap):
                 top = cp.broadcast_to(cp.arange(groups), (b, groups))
             cols = (top[:, :, None] * group + lanes).reshape(b, -1)
             inside = cols < live
-            vals = cp.take_along_axis(scores, cp.where(inside, cols, 0), axis=1)
+            vals = gather(cp, scores, cp.where(inside, cols, 0))
             cand_scores.append(cp.where(inside, vals.astype(cp.float32), -cp.inf))
             cand_rows.append(cols + start)
         rows = cp.concatenate(cand_rows, axis=1)
         approx = cp.concatenate(cand_scores, axis=1)
         if keep < rows.shape[1]:
             pick = radix_topk(cp, approx, keep)
-            rows = cp.take_along_axis(rows, pick, axis=1)
-            approx = cp.take_along_axis(approx, pick, axis=1)
+            rows = gather(cp, rows, pick)
+            approx = gather(cp, approx, pick)
         return rows, approx
 
     def _search_exact(self, q32: Any, k: int) -> tuple[Any, Any]:
@@ -686,5 +694,5 @@ class CupyStore(RowMap):
         part = radix_topk(cp, scores, k) if k < size else \
             cp.ascontiguousarray(cp.broadcast_to(cp.arange(size), (scores.shape[0], size)))
         # rows ruled out above (score -inf) must stay out after the exact rescoring
-        ruled_out = cp.take_along_axis(scores, part, axis=1) == -cp.inf
+        ruled_out = gather(cp, scores, part) == -cp.inf
         return self._exact_top(q32, cp.where(ruled_out, -1, part), k)
