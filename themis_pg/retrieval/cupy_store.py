@@ -379,7 +379,7 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
     return _kernels[key]
 
 
-SMALL_BATCH = 4       # up to this many queries: the one-pass scan (scan_select); more
+SMALL_BATCH = 1       # up to this many queries: the one-pass scan (scan_select); more
                       # queries make it bound by shared-memory reads of the queries
 SMALL_KEEP = 128      # ... when k + margin is at most this
 SEGMENTS = 8          # first merge of the blocks' candidates: this many selections a query
