@@ -42,6 +42,7 @@ WORKER_ENV = {
     "THEMIS_LEASE": "3",
     "THEMIS_POLL_INTERVAL": "0.5",
     "THEMIS_N_CTX": "2048",
+    "THEMIS_KV_CELLS": "8192",  # the batch engine's pool: 16 prompts of ~500 tokens
     "THEMIS_LOG_LEVEL": "INFO",
 }
 

@@ -48,7 +48,7 @@ def test_kv_cache_follows_the_header(default_models):
 def test_plan_refuses_over_budget_and_names_the_parts(default_models):
     emb, gen = _models(default_models)
     plan = plan_worker_memory(store_device="cpu", rows=1_000_000, dim=384, embedding_model=emb,
-                              generation_model=gen, n_ctx=4096, n_gpu_layers=0, budget="1GiB")
+                              generation_model=gen, kv_cells=4096, n_gpu_layers=0, budget="1GiB")
     parts = plan.as_json()["parts"]
     assert parts["matrix"]["bytes"] == 1_000_000 * (384 * 4 + 8)
     assert parts["kv_cache"]["bytes"] == 4096 * 30 * 384 * 2
@@ -58,10 +58,10 @@ def test_plan_refuses_over_budget_and_names_the_parts(default_models):
         plan.check()
     assert "matrix 1.44 GiB" in err.value.message and err.value.hint
     roomy = plan_worker_memory(store_device="cpu", rows=1000, dim=384, embedding_model=emb,
-                               generation_model=gen, n_ctx=4096, n_gpu_layers=0, budget="4GiB")
+                               generation_model=gen, kv_cells=4096, n_gpu_layers=0, budget="4GiB")
     roomy.check()
     no_limit = plan_worker_memory(store_device="cpu", rows=10**9, dim=384, embedding_model=emb,
-                                  generation_model=None, n_ctx=4096, n_gpu_layers=0)
+                                  generation_model=None, kv_cells=4096, n_gpu_layers=0)
     assert no_limit.budget is None
     no_limit.check()  # host memory without THEMIS_MEMORY_BUDGET: no limit
 

@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(
         default=-1, description="Layers offloaded to the GPU when llama.cpp was built with one."
     )
+    engine: str = Field(
+        default="batch",
+        description="Generation engine: 'batch' (continuous batching: every running request "
+        "in one decode loop, themis_pg/generation/batching.py) or 'sequential' (one request "
+        "at a time).",
+    )
+    max_sequences: int = Field(
+        default=16, description="Most requests the batch engine runs at once (more wait).")
+    kv_cells: int = Field(
+        default=0,
+        description="KV cache cells (tokens) the batch engine shares between its sequences; "
+        "0 = n_ctx x max_sequences, at most 16,384 (requests beyond it wait for cells).",
+    )
+    kv_type: str = Field(default="f16", description="KV cache cell type: 'f16' or 'q8_0'.")
     memory_budget: str = Field(
         default="",
         description="Most bytes the worker may plan for the matrix, the models and the KV "

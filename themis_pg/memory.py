@@ -30,6 +30,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "tb": 1000**4, "tib": 1024**4}
 
 BYTES_PER_ELEMENT = {"cpu": 4, "cuda": 6}  # NumPy: fp32; CuPy: fp16 scan + fp32 rescoring
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + one f16 scale
 
 
 class MemoryBudgetExceeded(ThemisError):
@@ -157,10 +158,10 @@ def device_total_bytes(device: str) -> int | None:
 
 
 def plan_worker_memory(*, store_device: str, rows: int, dim: int, embedding_model: Path,
-                       generation_model: Path | None, n_ctx: int, n_gpu_layers: int,
-                       budget: str = "") -> MemoryPlan:
-    """The plan of a worker about to load: matrix capacity for ``rows`` (the store doubles,
-    so up to twice that), models and KV cache where llama.cpp will put them."""
+                       generation_model: Path | None, kv_cells: int, n_gpu_layers: int,
+                       kv_type: str = "f16", budget: str = "") -> MemoryPlan:
+    """The plan of a worker about to load: the matrix for ``rows``, the models and the KV
+    cache (``kv_cells`` cells of ``kv_type``) where llama.cpp will put them."""
     offload = n_gpu_layers != 0 and gpu_offload()
     model_device = (store_device if store_device.startswith("cuda") else "cuda:0") \
         if offload else "cpu"
@@ -170,7 +171,8 @@ def plan_worker_memory(*, store_device: str, rows: int, dim: int, embedding_mode
     if generation_model is not None:
         shape = model_shape(generation_model)
         parts += [Part("generation_model", model_device, shape.file_bytes),
-                  Part("kv_cache", model_device, kv_cache_bytes(shape, n_ctx))]
+                  Part("kv_cache", model_device, kv_cache_bytes(
+                      shape, kv_cells, KV_BYTES_PER_ELEMENT[kv_type]))]
     device = next((p.device for p in parts if p.device.startswith("cuda")), "cpu")
     if budget:
         limit: int | None = parse_bytes(budget)

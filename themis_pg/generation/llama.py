@@ -57,6 +57,18 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class PreparedPrompt:
+    """A request ready for llama.cpp: the exact prompt tokens, the chat template's stop
+    strings, the answer's token budget and how many retrieved contexts made it in."""
+
+    tokens: list[int]
+    stop: list[str]
+    max_tokens: int
+    contexts_used: int
+    stopping_criteria: StoppingCriteria | None = None
+
+
+@dataclass(frozen=True)
 class RenderedPrompt:
     """Messages as llama.cpp sees them: the prompt tokens, and the chat template's stop
     strings and stopping criterion (if any)."""
@@ -116,7 +128,10 @@ class LlamaGenerator:
     """A loaded generation model and the prompt logic around it."""
 
     def __init__(self, path: Path, name: str, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_gpu_layers: int = -1, seed: int = 42) -> None:
+                 n_gpu_layers: int = -1, seed: int = 42, own_cells: int | None = None) -> None:
+        """``n_ctx`` is the context window a prompt and its answer must fit.  ``own_cells``
+        sizes this object's own llama.cpp context (default ``n_ctx``): a batch engine, which
+        evaluates on a context of its own, passes a small one (tokenizing needs no cells)."""
         if not Path(path).is_file():
             raise ModelNotFound(f"generation model file {path} does not exist",
                                 hint="Run `themis models fetch` or register another GGUF.")
@@ -125,9 +140,11 @@ class LlamaGenerator:
 
         self.name = name
         self.seed = seed
-        self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
-                          n_gpu_layers=n_gpu_layers, seed=seed, verbose=False)
-        self.n_ctx = self._llm.n_ctx()
+        cells = own_cells or n_ctx
+        self._llm = Llama(model_path=str(path), n_ctx=cells, n_batch=min(512, cells),
+                          n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed,
+                          verbose=False)
+        self.n_ctx = n_ctx if own_cells else self._llm.n_ctx()
         template = self._llm.metadata.get("tokenizer.chat_template")
         self._format: chat_format.ChatFormatter
         if template:
@@ -177,6 +194,41 @@ class LlamaGenerator:
                               stop=[stop] if isinstance(stop, str) else list(stop or []),
                               stopping_criteria=rendered.stopping_criteria)
 
+    def prepare(self, payload: dict[str, Any]) -> PreparedPrompt:
+        """The prompt of a generation payload, rendered and tokenized exactly as llama.cpp
+        will evaluate it.  Raises :class:`ContextOverflow` when the prompt and
+        ``max_tokens`` do not fit the context window: first by :meth:`build_prompt`'s
+        estimate, then by the exact count (llama-cpp-python would lower ``max_tokens``
+        quietly)."""
+        prompt = self.build_prompt(payload)
+        max_tokens = int(payload["max_tokens"])
+        rendered = self.render(prompt.messages)
+        if len(rendered.tokens) + max_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(rendered.tokens)} tokens; with max_tokens {max_tokens} it "
+                f"exceeds the model's context window of {self.n_ctx} tokens",
+                hint="Shorten the prompt or lower max_tokens.")
+        return PreparedPrompt(rendered.tokens, rendered.stop, max_tokens,
+                              prompt.contexts_used, rendered.stopping_criteria)
+
+    @property
+    def llama_model(self) -> Any:
+        """The loaded llama.cpp model (weights memory-mapped once; a batch engine's context
+        shares them)."""
+        return self._llm.model
+
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
+        """Bytes one KV cell takes over all layers (K and V)."""
+        import llama_cpp
+
+        model = self._llm.model
+        n_embd = int(llama_cpp.llama_model_n_embd(model))
+        n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        n_layer = int(llama_cpp.llama_model_n_layer(model))
+        per_element = {"f16": 2.0, "q8_0": 34 / 32}[kv_type]
+        return int(n_layer * 2 * (n_embd // n_head) * n_head_kv * per_element)
+
     def generate(self, payload: dict[str, Any],
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
         """Answer one request; ``should_stop`` is polled once per sampled token.
@@ -188,27 +240,21 @@ class LlamaGenerator:
         from llama_cpp import StoppingCriteriaList
 
         started = time.perf_counter()
-        prompt = self.build_prompt(payload)
-        max_tokens = int(payload["max_tokens"])
-        rendered = self.render(prompt.messages)
-        if len(rendered.tokens) + max_tokens > self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(rendered.tokens)} tokens; with max_tokens {max_tokens} it "
-                f"exceeds the model's context window of {self.n_ctx} tokens",
-                hint="Shorten the prompt or lower max_tokens.")
-        meter = _TokenMeter(max_tokens, should_stop, rendered.stopping_criteria)
+        prompt = self.prepare(payload)
+        max_tokens = prompt.max_tokens
+        meter = _TokenMeter(max_tokens, should_stop, prompt.stopping_criteria)
         # Evaluate every prompt from scratch: reusing the previous prompt's KV cache changes
         # the batch split, hence float rounding, hence greedy outputs.  Same input, same answer.
         self._llm.reset()  # type: ignore[no-untyped-call]
         completion = self._llm.create_completion(
-            prompt=rendered.tokens,
+            prompt=prompt.tokens,
             max_tokens=max_tokens,
             temperature=float(payload.get("temperature", 0.0)),
             seed=int(payload.get("seed", self.seed)),
             # Small models loop on the same sentence without it (1.1 measured best on the
             # sample corpus; 1.0 repeats, 1.2+ drifts from the sources).
             repeat_penalty=REPEAT_PENALTY,
-            stop=rendered.stop,
+            stop=prompt.stop,
             stopping_criteria=StoppingCriteriaList([meter]),
             stream=False,
         )

@@ -20,13 +20,15 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..bus.jobs import JobStore
 from ..bus.queries import query
 from ..config import Settings
 from ..embedding import Embedder
-from ..errors import ModelMismatch
+from ..errors import ModelMismatch, ThemisError
+from ..generation.batching import BatchEngine
 from ..generation.engine import GenerationEngine, SequentialEngine
 from ..generation.llama import LlamaGenerator
 from ..memory import MemoryBudgetExceeded, plan_worker_memory
@@ -45,6 +47,11 @@ from .registry import JobRegistry
 from .search_lane import SearchLane
 
 log = logging.getLogger(__name__)
+
+
+def kv_cells(settings: Settings) -> int:
+    """The batch engine's KV pool: THEMIS_KV_CELLS, else n_ctx x max_sequences (<= 16,384)."""
+    return settings.kv_cells or min(settings.n_ctx * settings.max_sequences, 16384)
 
 
 class Worker:
@@ -82,8 +89,9 @@ class Worker:
         store = make_store(self.embedder.dim, settings.retrieval_device)
         self.memory = plan_worker_memory(
             store_device=store.device, rows=rows, dim=store.dim, embedding_model=emb_path,
-            generation_model=gen_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-            budget=settings.memory_budget)
+            generation_model=gen_path, n_gpu_layers=settings.n_gpu_layers,
+            kv_cells=kv_cells(settings) if settings.engine == "batch" else settings.n_ctx,
+            kv_type=settings.kv_type, budget=settings.memory_budget)
         try:
             self.memory.check()
         except MemoryBudgetExceeded:
@@ -96,12 +104,26 @@ class Worker:
                                     connect=lambda: connect(dsn), snapshots=snapshots)
         self.engine: GenerationEngine | None = None
         if gen is not None and gen_path is not None:
-            generator = LlamaGenerator(gen_path, gen.name, n_ctx=settings.n_ctx,
-                                       n_threads=settings.n_threads,
-                                       n_gpu_layers=settings.n_gpu_layers)
-            self.engine = SequentialEngine(generator)
+            self.engine = self._engine(settings, gen.name, gen_path)
         log.info("worker %s: embedding model %s (dim %d), generation model %s",
                  self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
+
+    @staticmethod
+    def _engine(settings: Settings, name: str, path: Path) -> GenerationEngine:
+        """The generation engine the settings ask for, on the registered model file."""
+        batch = settings.engine == "batch"
+        if settings.engine not in ("batch", "sequential"):
+            raise ThemisError(f"unknown THEMIS_ENGINE {settings.engine!r}",
+                              hint="Use 'batch' or 'sequential'.")
+        generator = LlamaGenerator(path, name, n_ctx=settings.n_ctx,
+                                   n_threads=settings.n_threads,
+                                   n_gpu_layers=settings.n_gpu_layers,
+                                   own_cells=256 if batch else None)
+        if not batch:
+            return SequentialEngine(generator)
+        return BatchEngine(generator, max_sequences=settings.max_sequences,
+                           kv_cells=kv_cells(settings), kv_type=settings.kv_type,
+                           n_threads=settings.n_threads)
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -129,6 +151,8 @@ class Worker:
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
                              "mean_ms": round(search_ms / batches, 3) if batches else 0.0},
                 "memory": self.memory.as_json(),
+                "generation": self.engine.snapshot() if isinstance(self.engine, BatchEngine)
+                else None,
                 "embedding_model": self.embedder.name,
                 "generation_model": self.engine.name if self.engine else None,
                 "uptime_s": round(time.time() - self.started, 1)}

@@ -1,0 +1,561 @@
+"""Continuous batching on llama.cpp's low-level API: every running request shares one decode
+loop, one ``llama_decode`` per step.
+
+One ``BatchEngine`` owns one llama.cpp context on the generator's model weights (shared, not
+copied), with a unified KV cache of ``kv_cells`` cells for all sequences.  Its thread runs
+steps; each step puts into one ``llama_batch``
+
+* the last sampled token of every sequence that is generating (one token each), and
+* as many prompt tokens of the sequences still reading their prompt as fit the batch
+  (``n_batch``), oldest request first: long prompts are read in chunks, so the sequences that
+  are generating never wait for a whole prompt;
+
+then samples one token for every sequence that has logits in the batch.  New requests join at
+the next step; finished, cancelled or failed ones leave at once and their cells are freed.
+
+**KV memory.**  The cache is one pool: a sequence holds cells in proportion to its tokens,
+never ``n_ctx`` x sequences.  A request is admitted only when its prompt plus ``max_tokens``
+fit the cells not yet promised to others, so a running sequence never loses its context;
+requests that do not fit wait, in order (none is failed for it; one larger than the whole
+pool fails at once with ContextOverflow).  ``kv_type='q8_0'`` halves the pool's bytes.
+
+**Prefix reuse.**  RAG prompts share their head (system prompt, chat template head).  The
+engine keeps one cached prefix in a sequence of its own: when a new prompt starts with at
+least ``prefix_min`` tokens of it, those cells are shared into the new sequence
+(``llama_memory_seq_cp``, which in a unified cache adds the sequence to the cells, no copy)
+and only the rest of the prompt is evaluated.  The prefix is (re)learned as the common head of
+two consecutive prompts.  Bit-exactness: shared cells hold exactly the values a fresh
+evaluation of the prefix computed in *some* earlier batch; llama.cpp's kernels can round a
+token's values differently depending on the batch it was in, so a reused prefix (like any
+batching) may change the last bits of later logits.  Greedy outputs stay the same unless two
+candidate tokens are within that rounding of each other (tests/test_batching.py shows the
+first divergence, when there is one, falls on such a near-tie).
+
+**Sampling** per request: temperature (0 = greedy), top_p, seed, repeat penalty over the last
+64 tokens (prompt included, as llama-cpp-python does), stop strings, max_tokens.  Pieces are
+streamed to ``on_token`` as they become safe to show (no partial UTF-8 character, nothing that
+may still turn into a stop string).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ContextOverflow, ThemisError
+from .engine import GenerationOutcome, GenerationRequest, OnDone, OnToken
+from .llama import REPEAT_PENALTY, GenerationResult
+
+if TYPE_CHECKING:
+    from .llama import LlamaGenerator
+
+log = logging.getLogger(__name__)
+
+PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repeat penalty
+TOP_P = 0.95         # llama-cpp-python's default for create_completion
+KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
+
+
+@dataclass
+class _Sequence:
+    """One admitted request and its place in the KV cache."""
+
+    request: GenerationRequest
+    on_done: OnDone
+    on_token: OnToken | None
+    seq_id: int
+    tokens: list[int]                  # the whole prompt
+    stop: list[str]
+    max_tokens: int
+    contexts_used: int
+    sampler: Any
+    admitted: float
+    queued: float
+    n_past: int = 0                    # cells this sequence holds (positions 0..n_past-1)
+    reused: int = 0                    # prompt tokens taken from the cached prefix
+    shared: bool = False               # ... whose cells the prefix sequence still holds
+    generated: list[int] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)
+    shown: int = 0                     # characters already sent to on_token
+    last: int | None = None            # sampled token not yet evaluated
+    first_token_at: float | None = None
+    margins: list[float] = field(default_factory=list)
+
+    @property
+    def reading(self) -> bool:
+        return self.n_past < len(self.tokens)
+
+    @property
+    def need(self) -> int:
+        """Cells promised to this sequence: its prompt (less cells it shares with the cached
+        prefix) and its answer."""
+        return len(self.tokens) - (self.reused if self.shared else 0) + self.max_tokens
+
+
+@dataclass
+class _Waiting:
+    request: GenerationRequest
+    on_done: OnDone
+    on_token: OnToken | None
+    queued: float
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    prefix_hits: int = 0
+    prefix_tokens_reused: int = 0
+    steps: int = 0
+    sequences_stepped: int = 0
+    prompt_s: float = 0.0
+    generate_s: float = 0.0
+    wait_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class BatchEngine:
+    """Continuous batching for one generation model (see the module doc)."""
+
+    def __init__(self, generator: LlamaGenerator, *, max_sequences: int = 16,
+                 kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
+                 kv_type: str = "f16", n_threads: int | None = None,
+                 record_margins: bool = False) -> None:
+        import llama_cpp
+
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, not {kv_type!r}")
+        self._lc = llama_cpp
+        self.generator = generator
+        self.name = generator.name
+        self.max_sequences = max_sequences
+        self.kv_cells = kv_cells or min(generator.n_ctx * max_sequences, 65536)
+        self.n_batch = n_batch
+        self.prefix_min = prefix_min
+        self.record_margins = record_margins
+        model = generator.llama_model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.kv_cells
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = max_sequences + 1  # + the cached prefix
+        params.kv_unified = True
+        threads = n_threads or os.cpu_count() or 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise ThemisError(f"llama.cpp could not create a {self.kv_cells}-cell context "
+                              f"for {self.name}",
+                              hint="Lower THEMIS_KV_CELLS or THEMIS_MAX_SEQUENCES.")
+        self.kv_type = kv_type
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._prefix_seq = max_sequences
+        self._prefix: list[int] = []      # tokens held by the prefix sequence
+        self._last_prompt: list[int] = []
+        self._free_ids = list(range(max_sequences))
+        self._active: dict[int, _Sequence] = {}   # by request id
+        self._waiting: deque[_Waiting] = deque()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self.stats = EngineStats()
+        #: with record_margins: request id -> (generated tokens, top-2 logit gap at each)
+        self.traces: dict[int, tuple[list[int], list[float]]] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-batch", daemon=True)
+        self._thread.start()
+
+    # -- the GenerationEngine interface ---------------------------------------------------
+    def free_slots(self) -> int:
+        with self._lock:
+            if self._closing:
+                return 0
+            return max(0, self.max_sequences - len(self._active) - len(self._waiting))
+
+    def submit(self, request: GenerationRequest, on_done: OnDone,
+               on_token: OnToken | None = None) -> None:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("engine is closed")
+            self._waiting.append(_Waiting(request, on_done, on_token, time.monotonic()))
+            self.stats.requests += 1
+            self._wake.notify()
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+        lc = self._lc
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+
+    # -- statistics ------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Figures for themis_stats(): counts, throughput, batch sizes, KV use, queueing."""
+        with self._lock:
+            st = self.stats
+            cells = sum(s.n_past - (s.reused if s.shared else 0)
+                        for s in self._active.values()) + len(self._prefix)
+            elapsed = max(time.monotonic() - st.started, 1e-9)
+            bytes_per_token = self.generator.kv_bytes_per_token(self.kv_type)
+            return {
+                "engine": "continuous batching", "requests": st.requests,
+                "finished": st.finished, "cancelled": st.cancelled, "failed": st.failed,
+                "tokens_in": st.tokens_in, "tokens_out": st.tokens_out,
+                "tokens_out_per_s": round(st.tokens_out / elapsed, 2),
+                "mean_batch": round(st.sequences_stepped / st.steps, 2) if st.steps else 0.0,
+                "steps": st.steps, "running": len(self._active), "queued": len(self._waiting),
+                "mean_wait_ms": round(1000 * st.wait_s / max(st.finished + st.cancelled
+                                                             + st.failed, 1), 2),
+                "kv": {"cells": self.kv_cells, "in_use": cells, "type": self.kv_type,
+                       "bytes_per_token": bytes_per_token,
+                       "bytes": bytes_per_token * self.kv_cells},
+                "prefix": {"tokens": len(self._prefix), "hits": st.prefix_hits,
+                           "tokens_reused": st.prefix_tokens_reused},
+                "prompt_s": round(st.prompt_s, 3), "generate_s": round(st.generate_s, 3)}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while (not self._closing and not self._active and not self._waiting):
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                self._reap_cancelled()
+                self._admit()
+                if self._active:
+                    self._step()
+                else:
+                    with self._lock:  # waiting requests that cannot be admitted yet
+                        if not self._closing and not self._cancelled:
+                            self._wake.wait(timeout=0.05)
+        except Exception:
+            log.exception("the batch engine's loop crashed; failing its requests")
+            self._fail_all(crash=True)
+            return
+        self._fail_all(crash=False)
+
+    def _fail_all(self, crash: bool) -> None:
+        with self._lock:
+            self._closing = True
+            seqs = list(self._active.values())
+            waiting = list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        err = RuntimeError("the batch engine stopped") if crash else None
+        for s in seqs:
+            self._lc.llama_sampler_free(s.sampler)
+            self._done(s.on_done, GenerationOutcome(s.request, crash=err, stopped=err is None))
+        for w in waiting:
+            self._done(w.on_done, GenerationOutcome(w.request, crash=err, stopped=err is None))
+
+    @staticmethod
+    def _done(on_done: OnDone, outcome: GenerationOutcome) -> None:
+        try:
+            on_done(outcome)
+        except Exception:
+            log.exception("on_done callback failed for request %d", outcome.request.id)
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            ids = self._cancelled
+            self._cancelled = set()
+            gone_waiting = [w for w in self._waiting if w.request.id in ids]
+            for w in gone_waiting:
+                self._waiting.remove(w)
+            seqs = [s for rid, s in self._active.items() if rid in ids]
+        for w in gone_waiting:
+            self.stats.cancelled += 1
+            self._done(w.on_done, GenerationOutcome(w.request, stopped=True))
+        for s in seqs:
+            self._finish(s, stopped=True)
+
+    def _promised(self) -> int:
+        return sum(s.need for s in self._active.values()) + len(self._prefix)
+
+    def _admit(self) -> None:
+        """Waiting requests in order, while a sequence and their cells are free."""
+        while True:
+            with self._lock:
+                if not self._waiting or not self._free_ids:
+                    return
+                w = self._waiting[0]
+            try:
+                prompt = self.generator.prepare(w.request.payload.to_json())
+            except ThemisError as exc:
+                with self._lock:
+                    self._waiting.popleft()
+                self.stats.failed += 1
+                self._done(w.on_done, GenerationOutcome(w.request, error=exc))
+                continue
+            except Exception as exc:
+                with self._lock:
+                    self._waiting.popleft()
+                self.stats.failed += 1
+                self._done(w.on_done, GenerationOutcome(w.request, crash=exc))
+                continue
+            reuse = self._reusable(prompt.tokens)
+            need = len(prompt.tokens) - reuse + prompt.max_tokens
+            if need > self.kv_cells - len(self._prefix):
+                with self._lock:
+                    self._waiting.popleft()
+                self.stats.failed += 1
+                self._done(w.on_done, GenerationOutcome(w.request, error=ContextOverflow(
+                    f"the prompt ({len(prompt.tokens)} tokens) and max_tokens "
+                    f"({prompt.max_tokens}) exceed the engine's KV pool of {self.kv_cells} "
+                    "cells", hint="Shorten the prompt, lower max_tokens or raise "
+                    "THEMIS_KV_CELLS.")))
+                continue
+            if self._promised() + need > self.kv_cells:
+                if not self._active and self._prefix:  # only the cached prefix is in the way
+                    self._drop_prefix()
+                    continue
+                return  # wait, in order, until running sequences free their cells
+            with self._lock:
+                self._waiting.popleft()
+                seq_id = self._free_ids.pop()
+            seq = _Sequence(
+                request=w.request, on_done=w.on_done, on_token=w.on_token, seq_id=seq_id,
+                tokens=prompt.tokens, stop=prompt.stop, max_tokens=prompt.max_tokens,
+                contexts_used=prompt.contexts_used, sampler=self._sampler(w.request, prompt),
+                admitted=time.monotonic(), queued=w.queued)
+            self.stats.wait_s += seq.admitted - w.queued
+            self.stats.tokens_in += len(prompt.tokens)
+            if reuse:
+                self._lc.llama_memory_seq_cp(self._mem, self._prefix_seq, seq_id, 0, reuse)
+                seq.n_past = seq.reused = reuse
+                seq.shared = True
+                self.stats.prefix_hits += 1
+                self.stats.prefix_tokens_reused += reuse
+            with self._lock:
+                self._active[w.request.id] = seq
+
+    def _reusable(self, tokens: list[int]) -> int:
+        """Leading prompt tokens the cached prefix holds (at least one token is evaluated)."""
+        n = 0
+        for a, b in zip(self._prefix, tokens[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        return n if n >= self.prefix_min else 0
+
+    def _learn_prefix(self, seq: _Sequence) -> None:
+        """After a prompt is read: if it shares a long enough head with the previous prompt
+        and the cached prefix does not already serve it, cache that head."""
+        tokens = seq.tokens
+        if self._reusable(tokens):
+            self._last_prompt = tokens
+            return
+        n = 0
+        for a, b in zip(self._last_prompt, tokens[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        self._last_prompt = tokens
+        if n < self.prefix_min:
+            return
+        self._drop_prefix()
+        self._lc.llama_memory_seq_cp(self._mem, seq.seq_id, self._prefix_seq, 0, n)
+        self._prefix = tokens[:n]
+        seq.reused, seq.shared = n, True  # its first n cells are now the prefix's too
+        log.info("prefix cache: %d shared prompt tokens", n)
+
+    def _drop_prefix(self) -> None:
+        """Forget the cached prefix; sequences that shared its cells now own them alone."""
+        self._lc.llama_memory_seq_rm(self._mem, self._prefix_seq, -1, -1)
+        self._prefix = []
+        with self._lock:
+            for s in self._active.values():
+                s.shared = False
+
+    def _sampler(self, request: GenerationRequest, prompt: Any) -> Any:
+        lc = self._lc
+        payload = request.payload
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        # llama-cpp-python 0.3.36 declares an old signature with a leading n_vocab; the C
+        # function takes (last_n, repeat, freq, present).  Integers and floats travel in
+        # separate registers, so the C side reads the first integer as last_n and ignores
+        # the second: pass the window first.  (llama-cpp-python's own add_penalties passes
+        # n_vocab there, which makes its window the whole context.)
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+            PENALTY_LAST_N, 0, REPEAT_PENALTY, 0.0, 0.0))
+        if payload.temperature <= 0.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(TOP_P, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(payload.temperature))
+            seed = payload.seed if payload.seed is not None else self.generator.seed
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        for token in prompt.tokens[-PENALTY_LAST_N:]:  # the penalty window sees the prompt
+            lc.llama_sampler_accept(chain, token)
+        return chain
+
+    def _step(self) -> None:
+        """One llama_decode over every sequence: a token each for the generating ones, prompt
+        chunks for the reading ones, then one sampled token for each that got logits."""
+        lc = self._lc
+        batch = self._batch
+        with self._lock:
+            seqs = sorted(self._active.values(), key=lambda s: s.admitted)
+        n = 0
+        sampled: list[tuple[_Sequence, int]] = []
+        in_batch: set[int] = set()
+        reading = False
+        for s in seqs:
+            if not s.reading and s.last is not None:
+                in_batch.add(s.seq_id)
+                self._put(batch, n, s.last, s.n_past, s.seq_id, True)
+                sampled.append((s, n))
+                s.n_past += 1
+                n += 1
+        for s in seqs:
+            if n >= self.n_batch:
+                break
+            if s.reading:
+                reading = True
+                in_batch.add(s.seq_id)
+                take = min(len(s.tokens) - s.n_past, self.n_batch - n)
+                for j in range(take):
+                    pos = s.n_past + j
+                    last = pos == len(s.tokens) - 1
+                    self._put(batch, n, s.tokens[pos], pos, s.seq_id, last)
+                    if last:
+                        sampled.append((s, n))
+                    n += 1
+                s.n_past += take
+        if n == 0:
+            return
+        batch.n_tokens = n
+        started = time.perf_counter()
+        rc = lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} ({n} tokens, "
+                               f"{len(seqs)} sequences)")
+        took = time.perf_counter() - started
+        if reading:
+            self.stats.prompt_s += took
+        else:
+            self.stats.generate_s += took
+        self.stats.steps += 1
+        self.stats.sequences_stepped += len(in_batch)
+        for s, i in sampled:
+            if s.first_token_at is None:
+                self._learn_prefix(s)
+            self._sample(s, i)
+
+    @staticmethod
+    def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _sample(self, s: _Sequence, i: int) -> None:
+        lc = self._lc
+        if self.record_margins:
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i),
+                                           shape=(self._n_vocab,))
+            top2 = np.partition(logits, -2)[-2:]
+            s.margins.append(float(abs(top2[1] - top2[0])))
+        token = int(lc.llama_sampler_sample(s.sampler, self._ctx, i))
+        lc.llama_sampler_accept(s.sampler, token)
+        if s.first_token_at is None:
+            s.first_token_at = time.monotonic()
+        if lc.llama_vocab_is_eog(self._vocab, token):
+            self._finish(s)
+            return
+        s.generated.append(token)
+        s.raw += self._piece(token)
+        text = _valid_utf8(bytes(s.raw))
+        for stop in s.stop:
+            at = text.find(stop, max(0, s.shown - len(stop)))
+            if at >= 0:
+                self._emit(s, text[:at])
+                self._finish(s, text=text[:at])
+                return
+        hold = max((len(x) for x in s.stop), default=1) - 1
+        self._emit(s, text[:max(s.shown, len(text) - hold)])
+        if len(s.generated) >= s.max_tokens:
+            self._finish(s)
+            return
+        s.last = token
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    @staticmethod
+    def _emit(s: _Sequence, text: str) -> None:
+        if s.on_token is not None and len(text) > s.shown:
+            try:
+                s.on_token(text[s.shown:])
+            except Exception:
+                log.exception("on_token callback failed for request %d", s.request.id)
+        s.shown = max(s.shown, len(text))
+
+    def _finish(self, s: _Sequence, *, text: str | None = None, stopped: bool = False) -> None:
+        lc = self._lc
+        with self._lock:
+            self._active.pop(s.request.id, None)
+            self._free_ids.append(s.seq_id)
+            self._wake.notify()
+        lc.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
+        lc.llama_sampler_free(s.sampler)
+        if stopped:
+            self.stats.cancelled += 1
+            self._done(s.on_done, GenerationOutcome(s.request, stopped=True))
+            return
+        full = _valid_utf8(bytes(s.raw)) if text is None else text
+        self._emit(s, full)
+        if self.record_margins:
+            self.traces[s.request.id] = (list(s.generated), list(s.margins))
+        self.stats.finished += 1
+        self.stats.tokens_out += len(s.generated)
+        result = GenerationResult(
+            answer=full.strip(), model=self.name, prompt_tokens=len(s.tokens),
+            completion_tokens=len(s.generated), contexts_used=s.contexts_used,
+            generate_ms=(time.monotonic() - s.admitted) * 1000)
+        self._done(s.on_done, GenerationOutcome(s.request, result=result))
+
+
+def _valid_utf8(raw: bytes) -> str:
+    """The longest prefix of ``raw`` that is whole UTF-8 characters (a token can end inside
+    one); undecodable bytes elsewhere become U+FFFD."""
+    for cut in range(len(raw), max(len(raw) - 4, -1), -1):
+        try:
+            return raw[:cut].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < cut - 4:
+                return raw[:cut].decode("utf-8", errors="replace")
+    return raw.decode("utf-8", errors="replace")
