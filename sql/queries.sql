@@ -37,6 +37,19 @@ WITH finished AS (
 )
 SELECT id, pg_notify(reply_channel, id::text) FROM finished;
 
+-- name: add_pieces
+-- Streamed pieces of running jobs we hold (fenced like finish), then one notification per job.
+WITH added AS (
+    INSERT INTO themis.job_pieces (job_id, seq, piece)
+    SELECT p.id, p.seq, p.piece
+      FROM unnest(%(ids)s::bigint[], %(seqs)s::integer[], %(pieces)s::text[]) AS p(id, seq, piece)
+      JOIN themis.jobs j ON j.id = p.id AND j.worker_id = %(worker_id)s AND j.status = 'running'
+    ON CONFLICT (job_id, seq) DO NOTHING
+    RETURNING job_id
+)
+SELECT pg_notify(j.reply_channel, j.id::text)
+  FROM themis.jobs j WHERE j.id IN (SELECT DISTINCT job_id FROM added);
+
 -- name: fail
 WITH failed AS (
     UPDATE themis.jobs

@@ -94,6 +94,7 @@ def test_tables_live_in_their_own_metadata_and_schema():
             "workers",
             "jobs",
             "index_snapshots",
+            "job_pieces",
         )
     }
     assert all(t.schema == "themis" for t in tables.values())
@@ -192,7 +193,8 @@ def _catalog_functions(dsn: str) -> tuple[list[str], dict[str, Any]]:
 
 def _orm_function(fn: Any) -> dict[str, Any]:
     returns = (("table", [(n, _orm_family(t)) for n, t in fn.returns_table])
-               if fn.returns_table else ("value", _orm_family(fn.type)))
+               if fn.returns_table else
+               ("setof" if fn.returns_set else "value", _orm_family(fn.type)))
     return {"params": [(p.name, _orm_family(p.type), p.default) for p in fn.signature],
             "returns": returns}
 

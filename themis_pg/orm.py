@@ -67,6 +67,7 @@ __all__ = [
     "Embedding",
     "IndexSnapshot",
     "Job",
+    "JobPiece",
     "Model",
     "NamedArgument",
     "Param",
@@ -78,6 +79,7 @@ __all__ = [
     "themis_generate",
     "themis_rag",
     "themis_rag_json",
+    "themis_rag_stream",
     "themis_search",
     "themis_stats",
     "themis_status",
@@ -283,6 +285,18 @@ class IndexSnapshot(ThemisBase):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
 
 
+class JobPiece(ThemisBase):
+    """A piece of a streamed answer on its way to the caller (revision 0004)."""
+
+    __tablename__ = "job_pieces"
+    __table_args__ = _SCHEMA
+
+    job_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("themis.jobs.id"),
+                                        primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    piece: Mapped[str] = mapped_column(Text)
+
+
 class Job(ThemisBase):
     """A job on the bus.  Callers see only their own rows (RLS) and not ``result``."""
 
@@ -379,6 +393,7 @@ class _ThemisFunction(GenericFunction[_T]):
     signature: ClassVar[tuple[Param, ...]] = ()
     """The SQL parameters in order."""
     returns_table: ClassVar[tuple[tuple[str, TypeEngine[Any]], ...]] = ()
+    returns_set: ClassVar[bool] = False  # setof <type> (without columns)
     """For ``RETURNS TABLE (...)`` functions: the result columns in order, (name, type)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -429,6 +444,18 @@ class themis_rag(_ThemisFunction[str]):
     name = "themis_rag"
     type = Text()
     inherit_cache = True
+    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
+
+
+class themis_rag_stream(_ThemisFunction[str]):
+    """``themis_rag_stream(query, k=5, ...) -> setof text``: the answer's pieces as they are
+    generated.  In the select list (``select(themis_rag_stream("q", 3))``) through a
+    server-side cursor they arrive one by one; :func:`themis_pg.client.stream_rag` does that."""
+
+    name = "themis_rag_stream"
+    type = Text()
+    inherit_cache = True
+    returns_set = True
     signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
 
 
@@ -511,6 +538,7 @@ def themis_search(*args: Any, name: str | None = None, **kwargs: Any) -> TableVa
 FUNCTIONS: Final[tuple[type[_ThemisFunction[Any]], ...]] = (
     themis_rag,
     themis_rag_json,
+    themis_rag_stream,
     _themis_search_fn,
     themis_embed,
     themis_generate,

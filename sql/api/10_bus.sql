@@ -256,6 +256,26 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_te
 $$;
 
 -- The waiter gave up (cancel, timeout, no worker): free the worker's slot.
+-- The pieces of a streamed job generated since the last read, in order, for its waiter (who
+-- knows the token); read once: they are deleted as they are handed over.
+CREATE OR REPLACE FUNCTION themis.bus_pieces(p_id bigint, p_token text)
+RETURNS TABLE (seq integer, piece text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp
+    SET themis.execute = 'themis_bus' AS $$
+#variable_conflict use_column
+BEGIN
+    SET LOCAL synchronous_commit = off;
+    RETURN QUERY
+        WITH taken AS (
+            DELETE FROM themis.job_pieces p
+             USING themis.jobs j
+             WHERE p.job_id = p_id AND j.id = p_id AND j.reply_token = p_token
+            RETURNING p.seq, p.piece
+        )
+        SELECT t.seq, t.piece FROM taken t ORDER BY t.seq;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION themis.bus_cancel(p_id bigint, p_token text, p_reason text)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, themis, pg_temp

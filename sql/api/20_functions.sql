@@ -97,6 +97,24 @@ EXCEPTION WHEN query_canceled OR others THEN
 END
 $$;
 
+-- Streamed: the answer's pieces as the worker generates them.  A set-returning PL/Python
+-- function runs value per call, so in the select list (SELECT themis_rag_stream(...)) and
+-- through a cursor (DECLARE c CURSOR FOR SELECT themis_rag_stream(...); FETCH 1 FROM c) each
+-- piece arrives as it is made; in FROM (SELECT * FROM themis_rag_stream(...)) PostgreSQL
+-- collects every row first.  No PL/pgSQL wrapper (it would collect them too): errors carry
+-- PL/Python's "plpy.Error: " prefix.  Closing the cursor early cancels the generation.
+CREATE OR REPLACE FUNCTION public.themis_rag_stream(
+    query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
+    temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
+    filter jsonb DEFAULT NULL
+) RETURNS SETOF text
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_user' AS $$
+from themis_pl import api
+return api.rag_stream(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
+                      timeout_s=timeout_s, filter=filter)
+$$;
+
 CREATE OR REPLACE FUNCTION public.themis_search(
     query text, k integer DEFAULT 5, timeout_s double precision DEFAULT NULL,
     filter jsonb DEFAULT NULL

@@ -99,6 +99,14 @@ class JobStore:
                          answers=[d.answer for d in done])
         return {int(r[0]) for r in rows}
 
+    def add_pieces(self, pieces: Sequence[tuple[int, int, str]]) -> None:
+        """Streamed (job id, seq, text) pieces of our running jobs, one statement; each job's
+        caller is notified once."""
+        if pieces:
+            self._run("add_pieces", worker_id=self.worker_id,
+                      ids=[p[0] for p in pieces], seqs=[p[1] for p in pieces],
+                      pieces=[p[2] for p in pieces])
+
     def fail(self, job: Job, error: str, sqlstate: str, hint: str | None = None) -> bool:
         return bool(self._run("fail", id=job.id, attempt=job.attempts,
                               worker_id=self.worker_id, error=error, sqlstate=sqlstate,

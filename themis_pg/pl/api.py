@@ -20,11 +20,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .bus import BusClient, Caller, JobOutcome
+from .bus import BusClient, Caller, JobOutcome, Submitted
 from .errors import PLError
 from .payloads import CURSOR_SLACK, EmbedPayload, SearchCursor, SearchPayload
 
@@ -164,8 +164,7 @@ class Session:
         """Any SPI call processes pending interrupts: statement_timeout, cancel, disconnect."""
         self.plpy.execute(self.backend.ping_plan)
 
-    def run(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        bus = self.backend.bus
+    def _submit(self, kind: str, payload: dict[str, Any]) -> Submitted:
         if self.deadline is None:
             remaining = self.timeout_s
         else:
@@ -173,12 +172,29 @@ class Session:
             if remaining <= 0:
                 raise PLError(f"themis call timed out after {self.stated_timeout_s:g} s",
                               sqlstate="57014", hint="Pass a larger timeout_s or add workers.")
-        job = bus.submit(kind, json.dumps(payload), self.caller, remaining)
+        job = self.backend.bus.submit(kind, json.dumps(payload), self.caller, remaining)
         if self.deadline is None:  # the first job says which timeout is in force
             self.stated_timeout_s = job.timeout_s
             self.deadline = self.started + job.timeout_s
-        outcome = bus.wait(job, self.deadline, self.stated_timeout_s, self.check_interrupts)
+        return job
+
+    def run(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        job = self._submit(kind, payload)
+        assert self.deadline is not None
+        outcome = self.backend.bus.wait(job, self.deadline, self.stated_timeout_s,
+                                        self.check_interrupts)
         return _result_or_raise(kind, outcome)
+
+    def stream(self, kind: str, payload: dict[str, Any]) -> Iterator[str]:
+        """The pieces of a streamed job as they come; its failure raises at the end."""
+        job = self._submit(kind, payload)
+        assert self.deadline is not None
+        for item in self.backend.bus.follow(job, self.deadline, self.stated_timeout_s,
+                                            self.check_interrupts):
+            if isinstance(item, str):
+                yield item
+            else:
+                _result_or_raise(kind, item)
 
 
 def _result_or_raise(kind: str, outcome: JobOutcome) -> dict[str, Any]:
@@ -270,14 +286,7 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
     session = Session(plpy, GD, timeout_s)
     docs, stats = top_k_visible(session, query, k, flt)
     t_gen = time.monotonic()
-    payload: dict[str, Any] = {
-        "mode": "rag", "query": query, "temperature": temperature,
-        # bus_submit cuts each content to max_context_chars
-        "contexts": [{"id": d["id"], "content": d["content"], "source": d["source"]}
-                     for d in docs]}
-    if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
-    gen = session.run("generate", payload)
+    gen = session.run("generate", _rag_payload(query, docs, max_tokens, temperature))
     done = time.monotonic()
     return {
         "answer": gen["answer"],
@@ -302,6 +311,47 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
             "total_ms": round((done - started) * 1000, 3),
         },
     }
+
+
+def _rag_payload(query: str, docs: list[dict[str, Any]], max_tokens: int | None,
+                 temperature: float, stream: bool = False) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "mode": "rag", "query": query, "temperature": temperature,
+        # bus_submit cuts each content to max_context_chars
+        "contexts": [{"id": d["id"], "content": d["content"], "source": d["source"]}
+                     for d in docs]}
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
+    if stream:
+        payload["stream"] = True
+    return payload
+
+
+@_raises_sql_errors
+def rag_stream(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
+               temperature: Any = None, timeout_s: Any = None, filter: Any = None
+               ) -> Iterator[str]:
+    """themis_rag_stream: the checks and the retrieval happen here, before the first row;
+    then the answer's pieces as the worker generates them."""
+    query = validate_text(query, "query")
+    k = validate_k(k)
+    flt = validate_filter(filter)
+    max_tokens = validate_max_tokens(max_tokens)
+    temperature = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
+    session = Session(plpy, GD, timeout_s)
+    docs, _ = top_k_visible(session, query, k, flt)
+    return _pieces(plpy, session.stream("generate", _rag_payload(
+        query, docs, max_tokens, temperature, stream=True)))
+
+
+def _pieces(plpy: Any, pieces: Iterator[str]) -> Iterator[str]:
+    """Errors raised while rows are produced become PostgreSQL errors too."""
+    try:
+        yield from pieces
+    except PLError as exc:
+        if exc.hint:
+            plpy.error(exc.message, hint=exc.hint, sqlstate=exc.sqlstate)
+        plpy.error(exc.message, sqlstate=exc.sqlstate)
 
 
 @_raises_sql_errors

@@ -29,7 +29,7 @@ import contextlib
 import secrets
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,45 @@ class BusClient:
             self._woken.discard(key)
             return True
         return False
+
+    def pieces(self, job: Submitted) -> list[str]:
+        """The pieces of a streamed job made since the last read (each is read once)."""
+        rows = self._execute("SELECT seq, piece FROM themis.bus_pieces(%s, %s)",
+                             (job.id, job.token))
+        return [str(r[1]) for r in rows]
+
+    def follow(self, job: Submitted, deadline: float, stated_timeout_s: float,
+               check_interrupts: Callable[[], None]) -> Iterator[str | JobOutcome]:
+        """A streamed job: its pieces as the worker sends them, then its outcome (last).
+
+        Each notification on our channel (the worker sends one per batch of pieces, and
+        one when it finishes) reads the new pieces and the job's status; without one the
+        row is read every ``poll_interval``.  Closing the iterator early (the caller closed
+        its cursor), an interrupt or the deadline cancels the job."""
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise PLError(f"themis call timed out after {stated_timeout_s:g} s "
+                                  f"(streaming its {job.kind} job)", sqlstate="57014",
+                                  hint="Pass a larger timeout_s or add workers.")
+                try:
+                    woke = self._wait_for_notify(min(WAIT_SLICE_S, deadline - now), job.id)
+                except (psycopg.OperationalError, OSError):
+                    self._reset()
+                    woke = True
+                if woke or time.monotonic() - now >= self.poll_interval:
+                    yield from self.pieces(job)
+                    outcome, _ = self.take(job)
+                    if outcome is not None:
+                        yield from self.pieces(job)  # written before the job ended
+                        yield outcome
+                        return
+                check_interrupts()
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, PLError) else "caller stopped reading"
+            self.cancel(job, reason)
+            raise
 
     def wait(self, job: Submitted, deadline: float, stated_timeout_s: float,
              check_interrupts: Callable[[], None]) -> JobOutcome:

@@ -117,9 +117,11 @@ class GeneratePayload:
     prompt: str | None = None
     contexts: tuple[Context, ...] = field(default_factory=tuple)
     seed: int | None = None
+    stream: bool = False  # the worker sends the answer's pieces as they are generated
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "contexts"}
+        out = {k: v for k, v in asdict(self).items()
+               if v is not None and k != "contexts" and not (k == "stream" and not v)}
         if self.mode == "rag":
             out["contexts"] = [asdict(c) for c in self.contexts]
         return out
@@ -214,13 +216,18 @@ def _generate(payload: dict[str, Any], limits: Limits) -> GeneratePayload:
     seed = payload.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise PayloadError("job payload's 'seed' must be an integer")
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise PayloadError("job payload's 'stream' must be true or false")
     if mode == "rag":
         query = _text(payload, "query", limits.max_query_chars, "max_query_chars")
         return GeneratePayload("rag", max_tokens, temperature, query=query,
-                               contexts=_contexts(payload.get("contexts", []), limits), seed=seed)
+                               contexts=_contexts(payload.get("contexts", []), limits), seed=seed,
+                               stream=stream)
     if mode == "raw":
         prompt = _text(payload, "prompt", limits.max_prompt_chars, "max_prompt_chars")
-        return GeneratePayload("raw", max_tokens, temperature, prompt=prompt, seed=seed)
+        return GeneratePayload("raw", max_tokens, temperature, prompt=prompt, seed=seed,
+                               stream=stream)
     raise PayloadError(f"unknown generation mode {mode!r}")
 
 

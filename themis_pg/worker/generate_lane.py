@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..bus.jobs import Finished, Job
+from ..bus.jobs import Finished, Job, JobStore
 from ..generation.engine import GenerationEngine, GenerationOutcome, GenerationRequest
 from ..pl.payloads import GeneratePayload
 from .lane import Lane
@@ -30,6 +31,9 @@ class GenerateLane(Lane):
         super().__init__(worker)
         self.engine = engine
         self.outcomes: queue.SimpleQueue[GenerationOutcome] = queue.SimpleQueue()
+        # streamed pieces (job id, text), in the order the engine made them
+        self.pieces: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
+        self._piece_seq: dict[int, int] = {}
         self.running: dict[int, Job] = {}
         self._cancel_sent: set[int] = set()
 
@@ -37,7 +41,29 @@ class GenerateLane(Lane):
         self.outcomes.put(outcome)
         self.wake.set()
 
+    def _on_token(self, job_id: int) -> Callable[[str], None]:
+        def put(text: str) -> None:  # engine thread
+            self.pieces.put((job_id, text))
+            self.wake.set()
+        return put
+
+    def _flush_pieces(self) -> None:
+        """Every piece queued so far, in one statement (before the outcomes that follow them,
+        so a reader sees a job's last piece before its end)."""
+        batch: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                job_id, text = self.pieces.get_nowait()
+            except queue.Empty:
+                break
+            seq = self._piece_seq.get(job_id, 0)
+            self._piece_seq[job_id] = seq + 1
+            batch.append((job_id, seq, text))
+        if batch:
+            self.db.run(lambda conn: JobStore(conn, self.worker.worker_id).add_pieces(batch))
+
     def step(self) -> bool:
+        self._flush_pieces()
         self._report_outcomes()
         self._forward_cancels()
         free = self.engine.free_slots()
@@ -50,7 +76,8 @@ class GenerateLane(Lane):
             for job, payload in self.parse_payloads(jobs):
                 assert isinstance(payload, GeneratePayload)
                 self.running[job.id] = job
-                self.engine.submit(GenerationRequest(job.id, payload), self._on_done)
+                self.engine.submit(GenerationRequest(job.id, payload), self._on_done,
+                                   self._on_token(job.id) if payload.stream else None)
             for job in jobs:
                 if job.id not in self.running:  # failed its payload check
                     self.worker.registry.end([job.id])
@@ -66,13 +93,16 @@ class GenerateLane(Lane):
 
     def _report_outcomes(self) -> bool:
         done: list[Finished] = []
-        any_outcome = False
+        outcomes: list[GenerationOutcome] = []
         while True:
             try:
-                outcome = self.outcomes.get_nowait()
+                outcomes.append(self.outcomes.get_nowait())
             except queue.Empty:
                 break
-            any_outcome = True
+        if outcomes:
+            self._flush_pieces()  # every piece of these jobs was queued before its outcome
+        for outcome in outcomes:
+            self._piece_seq.pop(outcome.request.id, None)
             job = self.running.pop(outcome.request.id, None)
             self._cancel_sent.discard(outcome.request.id)
             if job is None:
@@ -88,10 +118,13 @@ class GenerateLane(Lane):
                 self.fail(job, "internal error in the worker", "XX000")
             elif self.worker.registry.is_cancelled(job.id):
                 log.info("job %d cancelled by its caller; generation stopped", job.id)
+            elif job.payload.get("stream"):  # its caller has seen part of it: no re-run
+                self.fail(job, "the worker stopped while streaming this answer", "57P01",
+                          "Call again.")
             else:  # stopped because the worker is shutting down: let another worker take it
                 self.release([job.id])
         self.finish(done)
-        return any_outcome
+        return bool(outcomes)
 
     def on_connection_lost(self) -> None:
         """Results of running requests are still reported once the connection is back;
