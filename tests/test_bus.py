@@ -169,9 +169,11 @@ def test_job_that_cannot_succeed_fails_once_and_the_worker_serves_on(rag_db):
 
 
 def test_several_workers_share_one_database(corpus_db, start_worker):
-    """Generations take seconds and a worker runs one at a time, so while one worker is busy
-    the other must take the next queued job: both serve, and each job is done exactly once."""
-    workers = [start_worker(corpus_db), start_worker(corpus_db)]
+    """Generations take seconds and each worker here decodes at most two at once, so while
+    one worker is full the other must take the next queued jobs: both serve, and each job is
+    done exactly once."""
+    env = {"THEMIS_MAX_SEQUENCES": "2"}
+    workers = [start_worker(corpus_db, env=env), start_worker(corpus_db, env=env)]
     calls = [Call(corpus_db, "SELECT themis_rag(%s, 2, 8)", (TLS,)) for _ in range(6)]
     calls += [Call(corpus_db, "SELECT count(*) FROM themis_search(%s, 2)", (TLS,))
               for _ in range(6)]

@@ -132,7 +132,9 @@ class BatchEngine:
     def __init__(self, generator: LlamaGenerator, *, max_sequences: int = 16,
                  kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
                  kv_type: str = "f16", n_threads: int | None = None,
-                 record_margins: bool = False) -> None:
+                 record_margins: bool = False, ignore_eog: bool = False) -> None:
+        """``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
+        sampled, so runs of random-weight models have a fixed length."""
         import llama_cpp
 
         if kv_type not in KV_TYPES:
@@ -145,6 +147,7 @@ class BatchEngine:
         self.n_batch = n_batch
         self.prefix_min = prefix_min
         self.record_margins = record_margins
+        self.ignore_eog = ignore_eog
         model = generator.llama_model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.kv_cells
@@ -488,7 +491,7 @@ class BatchEngine:
         lc.llama_sampler_accept(s.sampler, token)
         if s.first_token_at is None:
             s.first_token_at = time.monotonic()
-        if lc.llama_vocab_is_eog(self._vocab, token):
+        if lc.llama_vocab_is_eog(self._vocab, token) and not self.ignore_eog:
             self._finish(s)
             return
         s.generated.append(token)

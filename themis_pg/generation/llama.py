@@ -217,6 +217,14 @@ class LlamaGenerator:
         shares them)."""
         return self._llm.model
 
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (benchmarks suppress them)."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        return [t for t in range(int(llama_cpp.llama_vocab_n_tokens(vocab)))
+                if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
     def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
         """Bytes one KV cell takes over all layers (K and V)."""
         import llama_cpp
