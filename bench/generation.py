@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--llama-server", default=None)
     ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--kv", default="split", help="the engine's KV layout: split, unified, or both")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -189,15 +190,20 @@ def main() -> None:
     for c in levels:
         reqs = payloads(c, args.contexts, args.context_words, args.max_tokens)
         prompt_tokens = statistics.mean(len(peer.prepare(p.to_json()).tokens) for p in reqs)
-        engine = BatchEngine(peer, max_sequences=max(c, 1),
-                             kv_cells=int(c * (prompt_tokens + args.max_tokens) * 1.2) + 256,
-                             n_batch=2048, ignore_eog=True)
-        try:
-            run_engine(engine, reqs[:1])  # warm-up
-            rows.append(dict(run_engine(engine, reqs), prompt_tokens=prompt_tokens,
-                             prefix=engine.snapshot()["prefix"]))
-        finally:
-            engine.close()
+        per_seq = int((prompt_tokens + args.max_tokens) * 1.2) + 64
+        for layout in (["split", "unified"] if args.kv == "both" else [args.kv]):
+            unified = layout == "unified"
+            engine = BatchEngine(peer, max_sequences=max(c, 1), n_batch=2048, ignore_eog=True,
+                                 kv_cells=per_seq * (c + (0 if unified else 1)) + 256,
+                                 unified=unified)
+            try:
+                run_engine(engine, reqs[:1])  # warm-up
+                row = run_engine(engine, reqs)
+                row["path"] += f" ({layout} KV)"
+                rows.append(dict(row, prompt_tokens=prompt_tokens,
+                                 prefix=engine.snapshot()["prefix"]))
+            finally:
+                engine.close()
         if not args.no_sequential:
             rows.append(dict(run_sequential(peer, reqs), prompt_tokens=prompt_tokens))
         if args.llama_server:

@@ -42,7 +42,7 @@ WORKER_ENV = {
     "THEMIS_LEASE": "3",
     "THEMIS_POLL_INTERVAL": "0.5",
     "THEMIS_N_CTX": "2048",
-    "THEMIS_KV_CELLS": "8192",  # the batch engine's pool: 16 prompts of ~500 tokens
+    "THEMIS_MAX_SEQUENCES": "4",  # the batch engine: 4 streams of 2048 cells (+ the prefix)
     "THEMIS_LOG_LEVEL": "INFO",
 }
 

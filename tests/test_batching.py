@@ -96,10 +96,11 @@ def _same_or_near_tie(alone: tuple[list[int], list[float]],
                             f"{gap:.3f} apart: sequences mixed")
 
 
-def test_prompts_together_give_what_they_give_alone(generator):
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
+def test_prompts_together_give_what_they_give_alone(generator, unified):
     alone = [_alone(generator, p) for p in PROMPTS]
     exact = 0
-    engine = _engine(generator)
+    engine = _engine(generator, unified=unified)
     try:
         calls = Calls(engine)
         for i, p in enumerate(PROMPTS):
@@ -167,12 +168,14 @@ def test_a_full_pool_queues_in_order_and_fails_nothing(generator):
         engine.close()
     assert all(o.result is not None for o in out.values()), "a request failed for lack of cells"
     assert stats["failed"] == 0 and stats["mean_wait_ms"] > 0
-    assert isinstance(big.error, ContextOverflow) and "KV pool" in big.error.message
+    assert isinstance(big.error, ContextOverflow) and "KV cells" in big.error.message
 
 
-def test_the_shared_prompt_head_is_reused(generator):
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
+def test_the_shared_prompt_head_is_reused(generator, unified):
     head = "You are a careful assistant. Answer in one short sentence. " * 3
-    engine = _engine(generator, prefix_min=16)
+    alone = [_alone(generator, head + q, 8) for q in ("Why is grass green?",)]
+    engine = _engine(generator, prefix_min=16, unified=unified)
     try:
         calls = Calls(engine)
         for i, q in enumerate(["Why is the sky blue?", "Why is grass green?",
@@ -180,8 +183,10 @@ def test_the_shared_prompt_head_is_reused(generator):
             calls.submit(i, head + q, max_tokens=8)
             calls.wait(i + 1)
         stats = engine.snapshot()
+        reused = engine.traces[1]
     finally:
         engine.close()
+    _same_or_near_tie(alone[0][1], reused)  # the copied prefix cells hold the same values
     assert stats["prefix"]["hits"] >= 1 and stats["prefix"]["tokens"] >= 16
     assert stats["prefix"]["tokens_reused"] >= 16
 

@@ -13,7 +13,7 @@ closes the cursor, which cancels the generation.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import psycopg
@@ -28,7 +28,7 @@ _STREAM_SQL = ("SELECT themis_rag_stream(%s, %s, max_tokens => %s, temperature =
 def stream_rag(conn: psycopg.Connection[Any], query: str, k: int = 5, *,
                max_tokens: int | None = None, temperature: float = 0.0,
                timeout_s: float | None = None,
-               filter: dict[str, Any] | None = None) -> Iterator[str]:
+               filter: dict[str, Any] | None = None) -> Generator[str, None, None]:
     """The answer to ``query`` from the top ``k`` documents the connection's role may read,
     piece by piece.  Runs in a transaction of its own on ``conn`` (a server-side cursor needs
     one); errors are psycopg errors with the SQL function's SQLSTATE."""

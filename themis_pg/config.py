@@ -91,11 +91,17 @@ class Settings(BaseSettings):
         "at a time).",
     )
     max_sequences: int = Field(
-        default=16, description="Most requests the batch engine runs at once (more wait).")
+        default=8, description="Most requests the batch engine runs at once (more wait).")
+    kv_layout: str = Field(
+        default="split",
+        description="The batch engine's KV cache: 'split' (a stream of n_ctx cells per "
+        "sequence: attention reads only its own cells) or 'unified' (one pool shared in "
+        "proportion to the tokens held; each token's attention reads every used cell).",
+    )
     kv_cells: int = Field(
         default=0,
-        description="KV cache cells (tokens) the batch engine shares between its sequences; "
-        "0 = n_ctx x max_sequences, at most 16,384 (requests beyond it wait for cells).",
+        description="KV cache cells (tokens) of the batch engine; 0 = n_ctx x (max_sequences "
+        "+ 1) split, n_ctx x max_sequences (at most 16,384) unified.",
     )
     kv_type: str = Field(default="f16", description="KV cache cell type: 'f16' or 'q8_0'.")
     memory_budget: str = Field(

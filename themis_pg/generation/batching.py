@@ -13,23 +13,34 @@ steps; each step puts into one ``llama_batch``
 then samples one token for every sequence that has logits in the batch.  New requests join at
 the next step; finished, cancelled or failed ones leave at once and their cells are freed.
 
-**KV memory.**  The cache is one pool: a sequence holds cells in proportion to its tokens,
-never ``n_ctx`` x sequences.  A request is admitted only when its prompt plus ``max_tokens``
-fit the cells not yet promised to others, so a running sequence never loses its context;
-requests that do not fit wait, in order (none is failed for it; one larger than the whole
-pool fails at once with ContextOverflow).  ``kv_type='q8_0'`` halves the pool's bytes.
+**KV memory**, two layouts (``unified``):
+
+* *split* (the worker's default): every sequence, and the cached prefix, has a stream of
+  ``kv_cells / (max_sequences + 1)`` cells; a token's attention reads only its own stream.
+* *unified*: one pool, a sequence holds cells in proportion to its tokens (never ``n_ctx`` x
+  sequences), but llama.cpp's attention then reads every used cell of the pool for every
+  token, masked: with 16 sequences of 800 tokens, 16x the attention work.  Measured on this
+  repository's CPU machine with 16 RAG requests: split 73 s, unified 118 s
+  (docs/benchmarks.md).
+
+A request is admitted only when its prompt plus ``max_tokens`` fit the cells it may hold (its
+stream; in the pool, the cells not yet promised to others), so a running sequence never loses
+its context; requests that do not fit wait, in order (none is failed for it; one larger than a
+sequence may ever hold fails at once with ContextOverflow).  ``kv_type='q8_0'`` halves the
+cells' bytes.
 
 **Prefix reuse.**  RAG prompts share their head (system prompt, chat template head).  The
 engine keeps one cached prefix in a sequence of its own: when a new prompt starts with at
 least ``prefix_min`` tokens of it, those cells are shared into the new sequence
-(``llama_memory_seq_cp``, which in a unified cache adds the sequence to the cells, no copy)
-and only the rest of the prompt is evaluated.  The prefix is (re)learned as the common head of
-two consecutive prompts.  Bit-exactness: shared cells hold exactly the values a fresh
-evaluation of the prefix computed in *some* earlier batch; llama.cpp's kernels can round a
-token's values differently depending on the batch it was in, so a reused prefix (like any
-batching) may change the last bits of later logits.  Greedy outputs stay the same unless two
-candidate tokens are within that rounding of each other (tests/test_batching.py shows the
-first divergence, when there is one, falls on such a near-tie).
+(``llama_memory_seq_cp``: in a unified cache the cells gain a sequence id, no copy; between
+split streams the cells are copied) and only the rest of the prompt is evaluated.  The prefix
+is (re)learned as the common head of two consecutive prompts.  Bit-exactness: shared cells
+hold exactly the values a fresh evaluation of the prefix computed in *some* earlier batch;
+llama.cpp's kernels can round a token's values differently depending on the batch it was in,
+so a reused prefix (like any batching) may change the last bits of later logits.  Greedy
+outputs stay the same unless two candidate tokens are within that rounding of each other
+(tests/test_batching.py shows the first divergence, when there is one, falls on such a
+near-tie).
 
 **Sampling** per request: temperature (0 = greedy), top_p, seed, repeat penalty over the last
 64 tokens (prompt included, as llama-cpp-python does), stop strings, max_tokens.  Pieces are
@@ -132,7 +143,8 @@ class BatchEngine:
     def __init__(self, generator: LlamaGenerator, *, max_sequences: int = 16,
                  kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
                  kv_type: str = "f16", n_threads: int | None = None,
-                 record_margins: bool = False, ignore_eog: bool = False) -> None:
+                 record_margins: bool = False, ignore_eog: bool = False,
+                 unified: bool = True, prefill_chunk: int = 256) -> None:
         """``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
         sampled, so runs of random-weight models have a fixed length."""
         import llama_cpp
@@ -148,13 +160,18 @@ class BatchEngine:
         self.prefix_min = prefix_min
         self.record_margins = record_margins
         self.ignore_eog = ignore_eog
+        self.unified = unified
+        self.prefill_chunk = prefill_chunk
+        # split: each sequence (and the prefix) has a stream of its own of this many cells
+        self.cells_per_sequence = self.kv_cells if unified else self.kv_cells // (
+            max_sequences + 1)
         model = generator.llama_model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.kv_cells
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)
         params.n_seq_max = max_sequences + 1  # + the cached prefix
-        params.kv_unified = True
+        params.kv_unified = unified
         threads = n_threads or os.cpu_count() or 1
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -300,6 +317,9 @@ class BatchEngine:
             self._finish(s, stopped=True)
 
     def _promised(self) -> int:
+        """Cells promised in the shared pool (split streams: nothing is shared)."""
+        if not self.unified:
+            return 0
         return sum(s.need for s in self._active.values()) + len(self._prefix)
 
     def _admit(self) -> None:
@@ -325,15 +345,16 @@ class BatchEngine:
                 continue
             reuse = self._reusable(prompt.tokens)
             need = len(prompt.tokens) - reuse + prompt.max_tokens
-            if need > self.kv_cells - len(self._prefix):
+            limit = self.kv_cells - len(self._prefix) if self.unified else \
+                self.cells_per_sequence
+            if need > limit:
                 with self._lock:
                     self._waiting.popleft()
                 self.stats.failed += 1
                 self._done(w.on_done, GenerationOutcome(w.request, error=ContextOverflow(
                     f"the prompt ({len(prompt.tokens)} tokens) and max_tokens "
-                    f"({prompt.max_tokens}) exceed the engine's KV pool of {self.kv_cells} "
-                    "cells", hint="Shorten the prompt, lower max_tokens or raise "
-                    "THEMIS_KV_CELLS.")))
+                    f"({prompt.max_tokens}) exceed the {limit} KV cells a sequence may hold",
+                    hint="Shorten the prompt, lower max_tokens or raise THEMIS_KV_CELLS.")))
                 continue
             if self._promised() + need > self.kv_cells:
                 if not self._active and self._prefix:  # only the cached prefix is in the way
@@ -351,7 +372,7 @@ class BatchEngine:
             self.stats.wait_s += seq.admitted - w.queued
             self.stats.tokens_in += len(prompt.tokens)
             if reuse:
-                self._lc.llama_memory_seq_cp(self._mem, self._prefix_seq, seq_id, 0, reuse)
+                self._copy_prefix(self._prefix_seq, seq_id, reuse)
                 seq.n_past = seq.reused = reuse
                 seq.shared = True
                 self.stats.prefix_hits += 1
@@ -384,10 +405,21 @@ class BatchEngine:
         if n < self.prefix_min:
             return
         self._drop_prefix()
-        self._lc.llama_memory_seq_cp(self._mem, seq.seq_id, self._prefix_seq, 0, n)
+        self._copy_prefix(seq.seq_id, self._prefix_seq, n)
         self._prefix = tokens[:n]
         seq.reused, seq.shared = n, True  # its first n cells are now the prefix's too
         log.info("prefix cache: %d shared prompt tokens", n)
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of ``src`` into ``dst``.  Unified: the cells gain a sequence id
+        (no copy).  Split streams copy a whole stream (llama.cpp copies between streams only
+        whole), then cut the copy at n."""
+        lc = self._lc
+        if self.unified:
+            lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        else:
+            lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            lc.llama_memory_seq_rm(self._mem, dst, n, -1)
 
     def _drop_prefix(self) -> None:
         """Forget the cached prefix; sequences that shared its cells now own them alone."""
@@ -437,13 +469,16 @@ class BatchEngine:
                 sampled.append((s, n))
                 s.n_past += 1
                 n += 1
+        # While sequences are generating, prompts are read in short chunks so that those
+        # sequences' next token is not held up by a whole prompt.
+        budget = self.n_batch if n == 0 else min(self.n_batch, n + self.prefill_chunk)
         for s in seqs:
-            if n >= self.n_batch:
+            if n >= budget:
                 break
             if s.reading:
                 reading = True
                 in_batch.add(s.seq_id)
-                take = min(len(s.tokens) - s.n_past, self.n_batch - n)
+                take = min(len(s.tokens) - s.n_past, budget - n)
                 for j in range(take):
                     pos = s.n_past + j
                     last = pos == len(s.tokens) - 1

@@ -50,8 +50,14 @@ log = logging.getLogger(__name__)
 
 
 def kv_cells(settings: Settings) -> int:
-    """The batch engine's KV pool: THEMIS_KV_CELLS, else n_ctx x max_sequences (<= 16,384)."""
-    return settings.kv_cells or min(settings.n_ctx * settings.max_sequences, 16384)
+    """The batch engine's KV cells: THEMIS_KV_CELLS, else a stream of n_ctx cells for every
+    sequence and the cached prefix (split), or n_ctx x max_sequences, at most 16,384, shared
+    (unified)."""
+    if settings.kv_cells:
+        return settings.kv_cells
+    if settings.kv_layout == "unified":
+        return min(settings.n_ctx * settings.max_sequences, 16384)
+    return settings.n_ctx * (settings.max_sequences + 1)
 
 
 class Worker:
@@ -115,15 +121,22 @@ class Worker:
         if settings.engine not in ("batch", "sequential"):
             raise ThemisError(f"unknown THEMIS_ENGINE {settings.engine!r}",
                               hint="Use 'batch' or 'sequential'.")
-        generator = LlamaGenerator(path, name, n_ctx=settings.n_ctx,
+        if settings.kv_layout not in ("split", "unified"):
+            raise ThemisError(f"unknown THEMIS_KV_LAYOUT {settings.kv_layout!r}",
+                              hint="Use 'split' or 'unified'.")
+        unified = settings.kv_layout == "unified"
+        cells = kv_cells(settings)
+        # a prompt and its answer must fit the cells one sequence may hold
+        window = min(settings.n_ctx, cells if unified else cells // (settings.max_sequences + 1))
+        generator = LlamaGenerator(path, name, n_ctx=window if batch else settings.n_ctx,
                                    n_threads=settings.n_threads,
                                    n_gpu_layers=settings.n_gpu_layers,
                                    own_cells=256 if batch else None)
         if not batch:
             return SequentialEngine(generator)
-        return BatchEngine(generator, max_sequences=settings.max_sequences,
-                           kv_cells=kv_cells(settings), kv_type=settings.kv_type,
-                           n_threads=settings.n_threads)
+        return BatchEngine(generator, max_sequences=settings.max_sequences, kv_cells=cells,
+                           kv_type=settings.kv_type, n_threads=settings.n_threads,
+                           unified=unified)
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
