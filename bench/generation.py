@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--llama-server", default=None)
     ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--sequential-max", type=int, default=10**9,
+                    help="run the sequential peer only up to this concurrency (it is linear)")
     ap.add_argument("--kv", default="split", help="the engine's KV layout: split, unified, or both")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -204,13 +206,17 @@ def main() -> None:
                                  prefix=engine.snapshot()["prefix"]))
             finally:
                 engine.close()
-        if not args.no_sequential:
+        if not args.no_sequential and c <= args.sequential_max:
             rows.append(dict(run_sequential(peer, reqs), prompt_tokens=prompt_tokens))
         if args.llama_server:
             rows.append(dict(run_llama_server(args.llama_server, model, peer, reqs,
                                               args.n_gpu_layers), prompt_tokens=prompt_tokens))
         log.info("%s", rows[-3:])
     seq = {r["concurrency"]: r for r in rows if r["path"].startswith("sequential")}
+    if seq:  # one request after another: its rate does not depend on concurrency
+        top = seq[max(seq)]
+        for c in levels:
+            seq.setdefault(c, top)
     print(f"model {model.name}, {args.max_tokens} generated tokens per request, greedy\n")
     print("| C | path | prompt tokens | makespan s | requests/s | tokens/s | p50 s | p99 s | "
           "TTFT p50 s | x sequential |")
