@@ -21,10 +21,11 @@ echo "model made in $(( $(date +%s) - t0 )) s; $(ls -la /tmp/m7b.gguf)" | tee -a
 timeout 150 "$LLAMA_BIN/llama-batched-bench" -m /tmp/m7b.gguf -c 90000 -b 2048 -ub 512 \
     -npp 1000 -ntg 128 -npl 1,4,16,32,64 -ngl 99 -fa on > "$OUT/batched.txt" 2>> "$LOG"
 grep "^|" "$OUT/batched.txt"
-timeout ${GEN_TIMEOUT:-330} python3 bench/generation.py --model /tmp/m7b.gguf --n-gpu-layers -1 \
+timeout ${GEN_TIMEOUT:-330} python3 -X faulthandler bench/generation.py --model /tmp/m7b.gguf --n-gpu-layers -1 \
     --concurrency ${LEVELS:-1,4,16,32,64} --max-tokens 128 --contexts 4 --context-words 200 \
     --n-ctx 2048 --kv ${KV:-split} --sequential-max 32 --llama-server "$LLAMA_BIN/llama-server" \
     --json "$OUT/generation.json" > "$OUT/generation.md" 2>> "$LOG"
 cat "$OUT/generation.md"
+grep -B2 -A25 "Fatal Python error" "$LOG" | head -60
 tail -5 "$LOG"
 true
