@@ -68,3 +68,22 @@ def test_python_client_iterates_pieces_and_stopping_cancels(rag_db):
 def test_bad_input_is_an_error_before_any_row(rag_db, sql, state):
     got, message = sqlstate_of(rag_db, sql)
     assert got == state, message
+
+
+def test_concurrent_calls_share_decode_steps_and_show_in_stats(rag_db):
+    """Four themis_rag calls at once run in one decode loop: the worker's figures (heartbeat,
+    themis_stats()) count them and a mean batch above one."""
+    from .helpers import Call
+
+    calls = [Call(rag_db, "SELECT themis_rag(%s, 2, 24)", (TLS,)) for _ in range(4)]
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(timeout=300)
+        assert c.error is None, c.error
+    time.sleep(1.2)  # a heartbeat carries the figures
+    stats = one(rag_db, "SELECT themis_stats()")
+    gen = stats["workers"][0]["stats"]["generation"]
+    assert gen["engine"] == "continuous batching" and gen["finished"] >= 4
+    assert gen["mean_batch"] > 1.0, gen
+    assert gen["tokens_out"] > 0 and gen["kv"]["bytes_per_token"] > 0
