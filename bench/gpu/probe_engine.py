@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
 
 from themis_pg.generation.batching import BatchEngine
 from themis_pg.generation.engine import GenerationRequest
 from themis_pg.generation.llama import LlamaGenerator
 from themis_pg.pl.payloads import GeneratePayload
 
-path = sys.argv[1]
+path = Path(sys.argv[1])
 print("loading", flush=True)
 g = LlamaGenerator(path, "tiny", n_ctx=512, n_gpu_layers=-1)
 print("loaded", flush=True)

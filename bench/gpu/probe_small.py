@@ -4,7 +4,6 @@ the one-query matmul (the read floor)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +14,9 @@ from themis_pg.retrieval import cupy_store as cs
 
 
 def timed(label: str, fn: Callable[[], Any], runs: int = 50) -> None:
-    sync = cp.cuda.Device().synchronize
-    for _ in range(5):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    print(f"{label}: {np.median(times):.3f} ms")
+    from retrieval import timed as median_ms  # bench/retrieval.py (bench/ is on PYTHONPATH)
+
+    print(f"{label}: {median_ms(fn, cp.cuda.Device().synchronize, runs, warmup=5):.3f} ms")
 
 
 def main() -> None:

@@ -331,17 +331,13 @@ class BatchEngine:
                 w = self._waiting[0]
             try:
                 prompt = self.generator.prepare(w.request.payload.to_json())
-            except ThemisError as exc:
+            except Exception as exc:  # ThemisError: the caller's; anything else: a bug
                 with self._lock:
                     self._waiting.popleft()
                 self.stats.failed += 1
-                self._done(w.on_done, GenerationOutcome(w.request, error=exc))
-                continue
-            except Exception as exc:
-                with self._lock:
-                    self._waiting.popleft()
-                self.stats.failed += 1
-                self._done(w.on_done, GenerationOutcome(w.request, crash=exc))
+                self._done(w.on_done, GenerationOutcome(w.request, error=exc)
+                           if isinstance(exc, ThemisError) else
+                           GenerationOutcome(w.request, crash=exc))
                 continue
             reuse = self._reusable(prompt.tokens)
             need = len(prompt.tokens) - reuse + prompt.max_tokens

@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -278,15 +279,11 @@ def top_k_visible(session: Session, query: str, k: int,
 def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
         temperature: Any = None, timeout_s: Any = None, filter: Any = None) -> dict[str, Any]:
     started = time.monotonic()
-    query = validate_text(query, "query")
-    k = validate_k(k)
-    flt = validate_filter(filter)
-    max_tokens = validate_max_tokens(max_tokens)
-    temperature = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter)
     session = Session(plpy, GD, timeout_s)
-    docs, stats = top_k_visible(session, query, k, flt)
+    docs, stats = top_k_visible(session, args.query, args.k, args.filter)
     t_gen = time.monotonic()
-    gen = session.run("generate", _rag_payload(query, docs, max_tokens, temperature))
+    gen = session.run("generate", args.payload(docs))
     done = time.monotonic()
     return {
         "answer": gen["answer"],
@@ -298,7 +295,7 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
         ],
         "model": gen.get("model"),
         "embedding_model": stats.get("embedding_model"),
-        "k": k,
+        "k": args.k,
         "usage": {"prompt_tokens": gen.get("prompt_tokens"),
                   "completion_tokens": gen.get("completion_tokens"),
                   "contexts_used": gen.get("contexts_used")},
@@ -313,18 +310,35 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
     }
 
 
-def _rag_payload(query: str, docs: list[dict[str, Any]], max_tokens: int | None,
-                 temperature: float, stream: bool = False) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "mode": "rag", "query": query, "temperature": temperature,
-        # bus_submit cuts each content to max_context_chars
-        "contexts": [{"id": d["id"], "content": d["content"], "source": d["source"]}
-                     for d in docs]}
-    if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
-    if stream:
-        payload["stream"] = True
-    return payload
+@dataclass(frozen=True)
+class RagArguments:
+    """The arguments of themis_rag and its variants, checked."""
+
+    query: str
+    k: int
+    max_tokens: int | None
+    temperature: float
+    filter: dict[str, Any] | None
+
+    @classmethod
+    def checked(cls, query: Any, k: Any, max_tokens: Any, temperature: Any,
+                flt: Any) -> RagArguments:
+        return cls(validate_text(query, "query"), validate_k(k),
+                   validate_max_tokens(max_tokens),
+                   validate_float(temperature, "temperature", 0.0, 2.0, 0.0) or 0.0,
+                   validate_filter(flt))
+
+    def payload(self, docs: list[dict[str, Any]], stream: bool = False) -> dict[str, Any]:
+        """The generation job over ``docs`` (bus_submit cuts each to max_context_chars)."""
+        out: dict[str, Any] = {
+            "mode": "rag", "query": self.query, "temperature": self.temperature,
+            "contexts": [{"id": d["id"], "content": d["content"], "source": d["source"]}
+                         for d in docs]}
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        if stream:
+            out["stream"] = True
+        return out
 
 
 @_raises_sql_errors
@@ -333,15 +347,10 @@ def rag_stream(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens:
                ) -> Iterator[str]:
     """themis_rag_stream: the checks and the retrieval happen here, before the first row;
     then the answer's pieces as the worker generates them."""
-    query = validate_text(query, "query")
-    k = validate_k(k)
-    flt = validate_filter(filter)
-    max_tokens = validate_max_tokens(max_tokens)
-    temperature = validate_float(temperature, "temperature", 0.0, 2.0, 0.0)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter)
     session = Session(plpy, GD, timeout_s)
-    docs, _ = top_k_visible(session, query, k, flt)
-    return _pieces(plpy, session.stream("generate", _rag_payload(
-        query, docs, max_tokens, temperature, stream=True)))
+    docs, _ = top_k_visible(session, args.query, args.k, args.filter)
+    return _pieces(plpy, session.stream("generate", args.payload(docs, stream=True)))
 
 
 def _pieces(plpy: Any, pieces: Iterator[str]) -> Iterator[str]:
