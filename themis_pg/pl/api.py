@@ -271,6 +271,9 @@ def top_k_visible(session: Session, query: str, k: int,
         cursor = next_cursor(seen, candidates[-1][1])
         vector = result.get("vector_b64")
         n = min(n * GROWTH, int(result.get("max_candidates", n)))
+    # Best first across rounds too: a later round scores its rows in another batch, and a
+    # row at the boundary can come back a rounding step above the previous round's last.
+    picked.sort(key=lambda d: -d["score"])  # stable: ties keep their order
     return picked, stats
 
 
