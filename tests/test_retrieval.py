@@ -10,7 +10,7 @@ import pytest
 
 from themis_pg.retrieval import loader
 from themis_pg.retrieval.index import EmbeddingIndex, normalize
-from themis_pg.retrieval.loader import parse_block
+from themis_pg.retrieval.loader import BlockGather
 from themis_pg.retrieval.topk import top_k
 
 
@@ -43,11 +43,13 @@ def test_top_k_empty_matrix():
 def test_parse_block_round_trip():
     ids = struct.pack(">qq", 7, 9)
     vecs = (struct.pack(">hh3f", 3, 0, 1.0, 2.0, 3.0) + struct.pack(">hh3f", 3, 0, -1.5, 0.0, 0.25))
-    got_ids, got = parse_block(2, ids, vecs, 3)
+    gather = BlockGather(2, 3, np.empty)
+    gather.add(2, ids, vecs)
+    got_ids, got = gather.result(np.empty)
     assert got_ids.tolist() == [7, 9]
     assert got.tolist() == [[1.0, 2.0, 3.0], [-1.5, 0.0, 0.25]]
     with pytest.raises(ValueError):
-        parse_block(2, ids, vecs, 2)
+        BlockGather(2, 2, np.empty).add(2, ids, vecs)
 
 
 @pytest.mark.parametrize(("connections", "stale_estimate"), [(1, False), (3, False), (3, True)])

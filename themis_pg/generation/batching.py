@@ -89,7 +89,6 @@ class _Sequence:
     contexts_used: int
     sampler: Any
     admitted: float
-    queued: float
     n_past: int = 0                    # cells this sequence holds (positions 0..n_past-1)
     reused: int = 0                    # prompt tokens taken from the cached prefix
     shared: bool = False               # ... whose cells the prefix sequence still holds
@@ -364,7 +363,7 @@ class BatchEngine:
                 request=w.request, on_done=w.on_done, on_token=w.on_token, seq_id=seq_id,
                 tokens=prompt.tokens, stop=prompt.stop, max_tokens=prompt.max_tokens,
                 contexts_used=prompt.contexts_used, sampler=self._sampler(w.request, prompt),
-                admitted=time.monotonic(), queued=w.queued)
+                admitted=time.monotonic())
             self.stats.wait_s += seq.admitted - w.queued
             self.stats.tokens_in += len(prompt.tokens)
             if reuse:
@@ -378,11 +377,7 @@ class BatchEngine:
 
     def _reusable(self, tokens: list[int]) -> int:
         """Leading prompt tokens the cached prefix holds (at least one token is evaluated)."""
-        n = 0
-        for a, b in zip(self._prefix, tokens[:-1], strict=False):
-            if a != b:
-                break
-            n += 1
+        n = _common_head(self._prefix, tokens[:-1])
         return n if n >= self.prefix_min else 0
 
     def _learn_prefix(self, seq: _Sequence) -> None:
@@ -392,11 +387,7 @@ class BatchEngine:
         if self._reusable(tokens):
             self._last_prompt = tokens
             return
-        n = 0
-        for a, b in zip(self._last_prompt, tokens[:-1], strict=False):
-            if a != b:
-                break
-            n += 1
+        n = _common_head(self._last_prompt, tokens[:-1])
         self._last_prompt = tokens
         if n < self.prefix_min:
             return
@@ -581,6 +572,16 @@ class BatchEngine:
             completion_tokens=len(s.generated), contexts_used=s.contexts_used,
             generate_ms=(time.monotonic() - s.admitted) * 1000)
         self._done(s.on_done, GenerationOutcome(s.request, result=result))
+
+
+def _common_head(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _valid_utf8(raw: bytes) -> str:

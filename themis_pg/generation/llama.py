@@ -229,13 +229,14 @@ class LlamaGenerator:
         """Bytes one KV cell takes over all layers (K and V)."""
         import llama_cpp
 
+        from ..memory import KV_BYTES_PER_ELEMENT
+
         model = self._llm.model
         n_embd = int(llama_cpp.llama_model_n_embd(model))
         n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
         n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
         n_layer = int(llama_cpp.llama_model_n_layer(model))
-        per_element = {"f16": 2.0, "q8_0": 34 / 32}[kv_type]
-        return int(n_layer * 2 * (n_embd // n_head) * n_head_kv * per_element)
+        return int(n_layer * 2 * (n_embd // n_head) * n_head_kv * KV_BYTES_PER_ELEMENT[kv_type])
 
     def generate(self, payload: dict[str, Any],
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:

@@ -528,7 +528,7 @@ class CupyStore(RowMap):
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(np.ascontiguousarray(queries, np.float32))
             if filters and any(f is not None for f in filters):
-                rows, scores = self._search_filtered(q32, n, filters)
+                rows, scores = self._search_exact(q32, n, filters)
             else:
                 rows, scores = self._search_certified(q32, min(n, size))
             rows_h = cp.asnumpy(rows)
@@ -673,19 +673,11 @@ class CupyStore(RowMap):
             approx = gather(cp, approx, pick)
         return rows, approx
 
-    def _search_exact(self, q32: Any, k: int) -> tuple[Any, Any]:
-        """Exact fp32 scores over every row (the last resort of an uncertified query)."""
-        cp = self._cp
-        size = self._size
-        scores = q32 @ self._full[:size].T
-        part = radix_topk(cp, scores, k) if k < size else \
-            cp.ascontiguousarray(cp.broadcast_to(cp.arange(size), (scores.shape[0], size)))
-        return self._exact_top(q32, part, k)
-
-    def _search_filtered(self, q32: Any, n: int,
-                         filters: Sequence[SearchFilter | None]) -> tuple[Any, Any]:
-        """Metadata filters and paged rounds (allowed ids, a score ceiling, excluded ids):
-        exact fp32 scores over every row, then the per-query restrictions."""
+    def _search_exact(self, q32: Any, n: int,
+                      filters: Sequence[SearchFilter | None] | None = None) -> tuple[Any, Any]:
+        """Exact fp32 scores over every row, then the per-query restrictions: searches with
+        metadata filters or a paged round's cursor (allowed ids, a score ceiling, excluded
+        ids), and the last resort of a query the certificate could not vouch for."""
         cp = self._cp
         size = self._size
         scores = q32 @ self._full[:size].T

@@ -40,16 +40,7 @@ def vector_send_dtype(dim: int) -> np.dtype[Any]:
     return np.dtype([("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,))])
 
 
-def parse_block(count: int, ids: bytes | None, vectors: bytes | None,
-                dim: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """One block as (ids, float32 vectors); ValueError if it is malformed."""
-    if not count:
-        return np.empty(0, np.int64), np.empty((0, dim), np.float32)
-    id_arr, rows = _views(count, ids, vectors, dim)
-    return id_arr.astype(np.int64), rows["vec"].astype(np.float32)
-
-
-class _Gather:
+class BlockGather:
     """Where parsed blocks go: straight into one preallocated buffer (a block claims the next
     free rows under a lock, then byte-swaps its vectors into place outside it), so a million
     rows cost no concatenation pass; blocks past the buffer's estimated size are kept aside and
@@ -104,7 +95,7 @@ def _views(count: int, ids: bytes | None, vectors: bytes | None, dim: int
 
 
 def _read_ranges(conn: psycopg.Connection[Any], ranges: list[tuple[int, int]], dim: int,
-                 out: _Gather) -> None:
+                 out: BlockGather) -> None:
     for start in range(0, len(ranges), PIPELINE_DEPTH):
         batch = ranges[start:start + PIPELINE_DEPTH]
         with conn.pipeline():
@@ -143,7 +134,7 @@ def load_embeddings(conn: psycopg.Connection[Any], dim: int, *,
     # Room for the planner's row estimate (a little over, for rows added since it was made),
     # never more than the id range can hold.
     estimate = float(bounds[2]) if bounds[2] is not None and float(bounds[2]) >= 0 else hi - lo
-    gather = _Gather(int(min(hi - lo, estimate * 1.05 + BLOCK_ROWS)), dim, allocate)
+    gather = BlockGather(int(min(hi - lo, estimate * 1.05 + BLOCK_ROWS)), dim, allocate)
     if connect is None or connections <= 1 or len(ranges) < 2 * connections:
         _read_ranges(conn, ranges, dim, gather)
         used = 1
