@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import threading
@@ -34,9 +35,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401  (libllama before NumPy: themis_pg.generation.load_llama_first)
 import numpy as np
 
-from themis_pg.generation.batching import BatchEngine
+from themis_pg.generation.batching import BatchEngine, common_head
 from themis_pg.generation.engine import GenerationOutcome, GenerationRequest
 from themis_pg.generation.llama import LlamaGenerator
 from themis_pg.pl.payloads import Context, GeneratePayload
@@ -48,12 +50,19 @@ WORDS = ["rotate", "key", "cluster", "backup", "index", "replica", "vacuum", "ce
          "policy", "channel", "socket", "buffer"]
 
 
-def payloads(n: int, contexts: int, words: int, max_tokens: int) -> list[GeneratePayload]:
+def payloads(n: int, contexts: int, words: int, max_tokens: int, shared_words: int = 0
+             ) -> list[GeneratePayload]:
+    """``n`` RAG requests of ``contexts`` distinct documents of ``words`` random words each;
+    with ``shared_words``, a first document of that many words is the same in every one (so
+    the prompts share their head beyond the system prompt and template)."""
     rng = np.random.default_rng(0)
+    shared = " ".join(np.random.default_rng(1).choice(WORDS, shared_words))
     out = []
     for i in range(n):
         ctx = tuple(Context(i * 100 + j, " ".join(rng.choice(WORDS, words)), None)
                     for j in range(contexts))
+        if shared_words:
+            ctx = (Context(0, shared, None), *ctx)
         out.append(GeneratePayload("rag", max_tokens, 0.0, query=f"Question {i}: how do I "
                                    f"{rng.choice(WORDS)} the {rng.choice(WORDS)}?",
                                    contexts=ctx))
@@ -66,6 +75,19 @@ def summarize(path: str, c: int, makespan: float, latencies: list[float], ttfts:
             "requests_per_s": c / makespan, "tokens_per_s": tokens / makespan,
             "p50_s": statistics.median(latencies), "p99_s": float(np.percentile(latencies, 99)),
             "ttft_p50_s": statistics.median(ttfts) if ttfts else None}
+
+
+def gpu_memory_mib(pid: int) -> int | None:
+    """GPU memory a process holds (nvidia-smi), or None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(m) for p, m in (line.split(",") for line in out.splitlines() if "," in line)
+            if int(p) == pid]
+    return sum(used) if used else None
 
 
 def run_engine(engine: BatchEngine, reqs: list[GeneratePayload]) -> dict[str, Any]:
@@ -92,9 +114,10 @@ def run_engine(engine: BatchEngine, reqs: list[GeneratePayload]) -> dict[str, An
     results = [o.result for _, o in finished.values()]
     assert all(r is not None for r in results), [o for _, o in finished.values()]
     tokens = sum(r.completion_tokens for r in results if r is not None)
-    return summarize("themis BatchEngine", len(reqs), makespan,
-                     [t - t0 for t, _ in finished.values()],
-                     [t - t0 for t in first.values()], tokens)
+    return dict(summarize("themis BatchEngine", len(reqs), makespan,
+                          [t - t0 for t, _ in finished.values()],
+                          [t - t0 for t in first.values()], tokens),
+                gpu_mib=gpu_memory_mib(os.getpid()))
 
 
 def run_sequential(peer: LlamaGenerator, reqs: list[GeneratePayload]) -> dict[str, Any]:
@@ -136,16 +159,25 @@ def run_llama_server(binary: str, model: Path, gen: LlamaGenerator,
             except OSError:
                 time.sleep(0.2)
         latencies: list[float] = [0.0] * c
+        ttfts: list[float] = [0.0] * c
         tokens = [0] * c
         t0 = time.perf_counter()
 
         def call(i: int) -> None:
             body = json.dumps({"prompt": prompts[i], "n_predict": reqs[i].max_tokens,
-                               "ignore_eos": True, "temperature": 0, "cache_prompt": True})
+                               "ignore_eos": True, "temperature": 0, "cache_prompt": True,
+                               "stream": True})
             req = urllib.request.Request(f"{url}/completion", body.encode(),
                                          {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=3600) as r:
-                tokens[i] = int(json.loads(r.read())["tokens_predicted"])
+                for line in r:  # server-sent events, one per token, the last with the totals
+                    if not line.startswith(b"data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    if not ttfts[i]:
+                        ttfts[i] = time.perf_counter() - t0
+                    if event.get("stop"):
+                        tokens[i] = int(event.get("tokens_predicted", 0))
             latencies[i] = time.perf_counter() - t0
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(c)]
@@ -153,8 +185,8 @@ def run_llama_server(binary: str, model: Path, gen: LlamaGenerator,
             t.start()
         for t in threads:
             t.join()
-        return summarize(f"llama-server -np {c} -cb", c, time.perf_counter() - t0,
-                         latencies, [], sum(tokens))
+        return dict(summarize(f"llama-server -np {c} -cb", c, time.perf_counter() - t0,
+                              latencies, ttfts, sum(tokens)), gpu_mib=gpu_memory_mib(proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -168,6 +200,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--contexts", type=int, default=4)
     ap.add_argument("--context-words", type=int, default=160)
+    ap.add_argument("--shared-words", type=int, default=0,
+                    help="a first document of this many words, the same in every request")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
@@ -190,8 +224,12 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict[str, Any]] = []
     for c in levels:
-        reqs = payloads(c, args.contexts, args.context_words, args.max_tokens)
-        prompt_tokens = statistics.mean(len(peer.prepare(p.to_json()).tokens) for p in reqs)
+        *reqs, warm = payloads(c + 1, args.contexts, args.context_words, args.max_tokens,
+                               args.shared_words)
+        prompts = [peer.prepare(p.to_json()).tokens for p in reqs]
+        prompt_tokens = statistics.mean(len(t) for t in prompts)
+        shared_tokens = min((common_head(prompts[0], t) for t in prompts[1:]),
+                            default=len(prompts[0]))
         per_seq = int((prompt_tokens + args.max_tokens) * 1.2) + 64
         for layout in (["split", "unified"] if args.kv == "both" else [args.kv]):
             unified = layout == "unified"
@@ -199,10 +237,10 @@ def main() -> None:
                                  kv_cells=per_seq * (c + (0 if unified else 1)) + 256,
                                  unified=unified)
             try:
-                run_engine(engine, reqs[:1])  # warm-up
+                run_engine(engine, [warm])  # another call first, as a running server has had
                 row = run_engine(engine, reqs)
                 row["path"] += f" ({layout} KV)"
-                rows.append(dict(row, prompt_tokens=prompt_tokens,
+                rows.append(dict(row, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens,
                                  prefix=engine.snapshot()["prefix"]))
             finally:
                 engine.close()
@@ -212,22 +250,27 @@ def main() -> None:
             rows.append(dict(run_llama_server(args.llama_server, model, peer, reqs,
                                               args.n_gpu_layers), prompt_tokens=prompt_tokens))
         log.info("%s", rows[-3:])
+        if args.json:  # after every level: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=1))
     seq = {r["concurrency"]: r for r in rows if r["path"].startswith("sequential")}
     if seq:  # one request after another: its rate does not depend on concurrency
         top = seq[max(seq)]
         for c in levels:
             seq.setdefault(c, top)
-    print(f"model {model.name}, {args.max_tokens} generated tokens per request, greedy\n")
+    shared = min((r["shared_tokens"] for r in rows if "shared_tokens" in r), default=0)
+    print(f"model {model.name}, {args.max_tokens} generated tokens per request, greedy; the "
+          f"prompts of a level share their first {shared} tokens\n")
     print("| C | path | prompt tokens | makespan s | requests/s | tokens/s | p50 s | p99 s | "
-          "TTFT p50 s | x sequential |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "TTFT p50 s | GPU MiB | x sequential |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         base = seq.get(r["concurrency"])
         ratio = f"{r['requests_per_s'] / base['requests_per_s']:.2f}" if base else "–"
         ttft = "–" if r["ttft_p50_s"] is None else f"{r['ttft_p50_s']:.3f}"
         print(f"| {r['concurrency']} | {r['path']} | {r['prompt_tokens']:.0f} | "
               f"{r['makespan_s']:.2f} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} | {ratio} |")
+              f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} | {r.get('gpu_mib') or '–'} | "
+              f"{ratio} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import llama_cpp  # noqa: F401  (libllama before NumPy: themis_pg.generation.load_llama_first)
 import numpy as np
 import psycopg
 from _setup import QUESTIONS, cpu_model, git_revision, load_questions, self_contained_database

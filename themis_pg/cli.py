@@ -21,6 +21,7 @@ import click
 from .config import Settings, get_settings
 from .db import connect, resolve_dsn
 from .errors import ThemisError
+from .generation import load_llama_first
 
 log = logging.getLogger("themis_pg.cli")
 
@@ -199,6 +200,7 @@ def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
 @pass_ctx
 def ingest(ctx: Context, paths: tuple[Path, ...], progress: bool) -> None:
     """Chunk, embed and store .txt, .md, .html and .jsonl files (directories recurse)."""
+    load_llama_first()
     from .ingest import ingest_paths
 
     try:
@@ -217,6 +219,7 @@ def ingest(ctx: Context, paths: tuple[Path, ...], progress: bool) -> None:
 @pass_ctx
 def reembed(ctx: Context, model: str | None, progress: bool) -> None:
     """Re-embed every document with another embedding model, in one transaction."""
+    load_llama_first()
     from .ingest import reembed as run_reembed
 
     try:
@@ -234,6 +237,7 @@ def reembed(ctx: Context, model: str | None, progress: bool) -> None:
 @pass_ctx
 def worker(ctx: Context, kinds: str) -> None:
     """Serve the job bus until SIGTERM/SIGINT."""
+    load_llama_first()
     from .worker.process import Worker
 
     try:
@@ -312,6 +316,7 @@ def _wait_for_worker(dsn: str, pid: int, log_file: Path, timeout: float = 180) -
 @pass_ctx
 def demo(ctx: Context, question: str) -> None:
     """Everything at once: cluster, schema, models, sample corpus, worker, one question."""
+    load_llama_first()
     from .ingest import ingest_paths
     from .models.registry import register_defaults
     from .resources import sample_corpus_dir

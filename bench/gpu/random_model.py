@@ -5,6 +5,8 @@ does not depend on weight values; see ../shared/GPU.md).
     python bench/gpu/random_model.py tokenizer SmolLM2-135M-Instruct.Q4_1.gguf .carry8/tok.gguf
     # there: a Mistral-7B-shaped F16 model with that tokenizer, then llama-quantize it
     python bench/gpu/random_model.py mistral7b .carry8/tok.gguf /tmp/m7b-f16.gguf
+    # or SmolLM2-135M's shape (the real file does not fit in a carry beside the kits)
+    python bench/gpu/random_model.py smollm135m .carry8/tok.gguf /tmp/s135-f16.gguf
 
 The model is a llama-architecture GGUF with Mistral 7B's hyperparameters (32 layers, 4096
 wide, 32 query and 8 KV heads, 14336 feed-forward, rope base 1e6) and the tokenizer (and chat
@@ -94,6 +96,8 @@ if __name__ == "__main__":
     what, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if what == "tiny":  # the same layout at a toy size, to check the file loads
         mistral7b(src, dst, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256)
+    elif what == "smollm135m":  # SmolLM2-135M's shape (its tokenizer is tok.gguf's)
+        mistral7b(src, dst, n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536)
     elif what == "tokenizer":
         tokenizer_only(src, dst)
     else:

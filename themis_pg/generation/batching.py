@@ -51,11 +51,13 @@ may still turn into a stop string).
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +89,7 @@ class _Sequence:
     stop: list[str]
     max_tokens: int
     contexts_used: int
-    sampler: Any
+    sampler: Any                       # llama.cpp sampler chain; None: greedy (NumPy)
     admitted: float
     n_past: int = 0                    # cells this sequence holds (positions 0..n_past-1)
     reused: int = 0                    # prompt tokens taken from the cached prefix
@@ -98,6 +100,7 @@ class _Sequence:
     last: int | None = None            # sampled token not yet evaluated
     first_token_at: float | None = None
     margins: list[float] = field(default_factory=list)
+    window: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
 
     @property
     def reading(self) -> bool:
@@ -143,7 +146,7 @@ class BatchEngine:
                  kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
                  kv_type: str = "f16", n_threads: int | None = None,
                  record_margins: bool = False, ignore_eog: bool = False,
-                 unified: bool = True, prefill_chunk: int = 256) -> None:
+                 unified: bool = True, prefill_chunk: int | None = None) -> None:
         """``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
         sampled, so runs of random-weight models have a fixed length."""
         import llama_cpp
@@ -160,7 +163,10 @@ class BatchEngine:
         self.record_margins = record_margins
         self.ignore_eog = ignore_eog
         self.unified = unified
-        self.prefill_chunk = prefill_chunk
+        # None: a step's whole budget (n_batch tokens, generating ones first), as vLLM's
+        # chunked prefill does; on the GPU machine 256-token chunks left 64 concurrent
+        # 900-token prompts reading for 230 steps.
+        self.prefill_chunk = prefill_chunk or n_batch
         # split: each sequence (and the prefix) has a stream of its own of this many cells
         self.cells_per_sequence = self.kv_cells if unified else self.kv_cells // (
             max_sequences + 1)
@@ -189,7 +195,9 @@ class BatchEngine:
         self._prefix_seq = max_sequences
         self._prefix: list[int] = []      # tokens held by the prefix sequence
         self._last_prompt: list[int] = []
-        self._free_ids = list(range(max_sequences))
+        # Lowest free id first: split streams batch only runs of consecutive sequence ids
+        # (see _step), so the running set is kept as dense as churn allows.
+        self._free_ids = list(range(max_sequences))  # a heap
         self._active: dict[int, _Sequence] = {}   # by request id
         self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
@@ -289,7 +297,8 @@ class BatchEngine:
             self._waiting.clear()
         err = RuntimeError("the batch engine stopped") if crash else None
         for s in seqs:
-            self._lc.llama_sampler_free(s.sampler)
+            if s.sampler is not None:
+                self._lc.llama_sampler_free(s.sampler)
             self._done(s.on_done, GenerationOutcome(s.request, crash=err, stopped=err is None))
         for w in waiting:
             self._done(w.on_done, GenerationOutcome(w.request, crash=err, stopped=err is None))
@@ -338,7 +347,8 @@ class BatchEngine:
                            if isinstance(exc, ThemisError) else
                            GenerationOutcome(w.request, crash=exc))
                 continue
-            reuse = self._reusable(prompt.tokens)
+            reuse = self._reusable(prompt.tokens) or self._learn_prefix(prompt.tokens)
+            self._last_prompt = prompt.tokens
             need = len(prompt.tokens) - reuse + prompt.max_tokens
             limit = self.kv_cells - len(self._prefix) if self.unified else \
                 self.cells_per_sequence
@@ -358,44 +368,64 @@ class BatchEngine:
                 return  # wait, in order, until running sequences free their cells
             with self._lock:
                 self._waiting.popleft()
-                seq_id = self._free_ids.pop()
+                seq_id = heapq.heappop(self._free_ids)
             seq = _Sequence(
                 request=w.request, on_done=w.on_done, on_token=w.on_token, seq_id=seq_id,
                 tokens=prompt.tokens, stop=prompt.stop, max_tokens=prompt.max_tokens,
                 contexts_used=prompt.contexts_used, sampler=self._sampler(w.request, prompt),
                 admitted=time.monotonic())
+            seq.window.extend(prompt.tokens[-PENALTY_LAST_N:])  # the penalty sees the prompt
             self.stats.wait_s += seq.admitted - w.queued
             self.stats.tokens_in += len(prompt.tokens)
             if reuse:
-                self._copy_prefix(self._prefix_seq, seq_id, reuse)
-                seq.n_past = seq.reused = reuse
-                seq.shared = True
-                self.stats.prefix_hits += 1
-                self.stats.prefix_tokens_reused += reuse
+                self._share_prefix(seq, reuse)
             with self._lock:
                 self._active[w.request.id] = seq
 
     def _reusable(self, tokens: list[int]) -> int:
         """Leading prompt tokens the cached prefix holds (at least one token is evaluated)."""
-        n = _common_head(self._prefix, tokens[:-1])
+        n = common_head(self._prefix, tokens[:-1])
         return n if n >= self.prefix_min else 0
 
-    def _learn_prefix(self, seq: _Sequence) -> None:
-        """After a prompt is read: if it shares a long enough head with the previous prompt
-        and the cached prefix does not already serve it, cache that head."""
-        tokens = seq.tokens
-        if self._reusable(tokens):
-            self._last_prompt = tokens
-            return
-        n = _common_head(self._last_prompt, tokens[:-1])
-        self._last_prompt = tokens
-        if n < self.prefix_min:
-            return
+    def _learn_prefix(self, tokens: list[int]) -> int:
+        """At admission: when a prompt the cached prefix does not serve shares at least
+        ``prefix_min`` leading tokens with the previous admitted prompt, evaluate that head
+        once into the prefix sequence, and hand it to every admitted sequence that starts
+        with it and has read nothing yet (so a burst of calls arriving together shares it
+        too).  Returns how many of ``tokens`` the prefix now serves."""
+        n = common_head(self._last_prompt, tokens[:-1])
+        if n < self.prefix_min or n > self.cells_per_sequence:
+            return 0
         self._drop_prefix()
-        self._copy_prefix(seq.seq_id, self._prefix_seq, n)
+        if self.unified and self._promised() + n > self.kv_cells:
+            return 0  # the pool has no room for it now
+        for start in range(0, n, self.n_batch):
+            chunk = range(start, min(n, start + self.n_batch))
+            for j, pos in enumerate(chunk):
+                self._put(self._batch, j, tokens[pos], pos, self._prefix_seq, False)
+            self._batch.n_tokens = len(chunk)
+            started = time.perf_counter()
+            rc = self._lc.llama_decode(self._ctx, self._batch)
+            self.stats.prompt_s += time.perf_counter() - started
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with status {rc} on a {n}-token "
+                                   "prefix")
         self._prefix = tokens[:n]
-        seq.reused, seq.shared = n, True  # its first n cells are now the prefix's too
         log.info("prefix cache: %d shared prompt tokens", n)
+        with self._lock:
+            fresh = [s for s in self._active.values() if s.n_past == 0]
+        for s in fresh:
+            if reuse := self._reusable(s.tokens):
+                self._share_prefix(s, reuse)
+        return n
+
+    def _share_prefix(self, seq: _Sequence, n: int) -> None:
+        """The first ``n`` cells of the cached prefix become ``seq``'s first n."""
+        self._copy_prefix(self._prefix_seq, seq.seq_id, n)
+        seq.n_past = seq.reused = n
+        seq.shared = True
+        self.stats.prefix_hits += 1
+        self.stats.prefix_tokens_reused += n
 
     def _copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Positions [0, n) of ``src`` into ``dst``.  Unified: the cells gain a sequence id
@@ -417,23 +447,20 @@ class BatchEngine:
                 s.shared = False
 
     def _sampler(self, request: GenerationRequest, prompt: Any) -> Any:
+        """A llama.cpp sampler chain for a request at temperature > 0; None for a greedy one,
+        which :func:`greedy_token` samples in NumPy (the same choice, without building a
+        vocabulary-sized candidate array per token: on the GPU machine the chain cost more
+        per token than the decode step itself at 16 sequences)."""
         lc = self._lc
         payload = request.payload
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        # llama-cpp-python 0.3.36 declares an old signature with a leading n_vocab; the C
-        # function takes (last_n, repeat, freq, present).  Integers and floats travel in
-        # separate registers, so the C side reads the first integer as last_n and ignores
-        # the second: pass the window first.  (llama-cpp-python's own add_penalties passes
-        # n_vocab there, which makes its window the whole context.)
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-            PENALTY_LAST_N, 0, REPEAT_PENALTY, 0.0, 0.0))
         if payload.temperature <= 0.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(TOP_P, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(payload.temperature))
-            seed = payload.seed if payload.seed is not None else self.generator.seed
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            return None
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, penalties_sampler(self._n_vocab))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(TOP_P, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(payload.temperature))
+        seed = payload.seed if payload.seed is not None else self.generator.seed
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         for token in prompt.tokens[-PENALTY_LAST_N:]:  # the penalty window sees the prompt
             lc.llama_sampler_accept(chain, token)
         return chain
@@ -445,37 +472,44 @@ class BatchEngine:
         batch = self._batch
         with self._lock:
             seqs = sorted(self._active.values(), key=lambda s: s.admitted)
+        generating = [s for s in seqs if not s.reading and s.last is not None]
+        # Prompts fill what the generating sequences leave of the step's token budget, oldest
+        # request first, in chunks of at most prefill_chunk tokens a step while others
+        # generate, so that their next token is not held up by a whole prompt.
+        budget = self.n_batch if not generating else min(
+            self.n_batch, len(generating) + self.prefill_chunk)
+        left = budget - len(generating)
+        takes: dict[int, int] = {}
+        for s in seqs:
+            if left <= 0:
+                break
+            if s.reading:
+                takes[s.seq_id] = min(len(s.tokens) - s.n_past, left)
+                left -= takes[s.seq_id]
+        if not generating and not takes:
+            return
+        # Tokens go in by sequence id: with split streams llama.cpp puts only a run of
+        # consecutive ids into one micro-batch, so this order costs the fewest.
         n = 0
         sampled: list[tuple[_Sequence, int]] = []
-        in_batch: set[int] = set()
-        reading = False
-        for s in seqs:
-            if not s.reading and s.last is not None:
-                in_batch.add(s.seq_id)
+        for s in sorted(generating + [x for x in seqs if x.seq_id in takes],
+                        key=lambda x: x.seq_id):
+            if s.seq_id not in takes:
+                assert s.last is not None  # a generating sequence
                 self._put(batch, n, s.last, s.n_past, s.seq_id, True)
                 sampled.append((s, n))
                 s.n_past += 1
                 n += 1
-        # While sequences are generating, prompts are read in short chunks so that those
-        # sequences' next token is not held up by a whole prompt.
-        budget = self.n_batch if n == 0 else min(self.n_batch, n + self.prefill_chunk)
-        for s in seqs:
-            if n >= budget:
-                break
-            if s.reading:
-                reading = True
-                in_batch.add(s.seq_id)
-                take = min(len(s.tokens) - s.n_past, budget - n)
-                for j in range(take):
-                    pos = s.n_past + j
-                    last = pos == len(s.tokens) - 1
-                    self._put(batch, n, s.tokens[pos], pos, s.seq_id, last)
-                    if last:
-                        sampled.append((s, n))
-                    n += 1
-                s.n_past += take
-        if n == 0:
-            return
+                continue
+            for pos in range(s.n_past, s.n_past + takes[s.seq_id]):
+                last = pos == len(s.tokens) - 1
+                self._put(batch, n, s.tokens[pos], pos, s.seq_id, last)
+                if last:
+                    sampled.append((s, n))
+                n += 1
+            s.n_past += takes[s.seq_id]
+        reading = bool(takes)
+        in_batch = len(generating) + len(takes)
         batch.n_tokens = n
         started = time.perf_counter()
         rc = lc.llama_decode(self._ctx, batch)
@@ -488,10 +522,8 @@ class BatchEngine:
         else:
             self.stats.generate_s += took
         self.stats.steps += 1
-        self.stats.sequences_stepped += len(in_batch)
+        self.stats.sequences_stepped += in_batch
         for s, i in sampled:
-            if s.first_token_at is None:
-                self._learn_prefix(s)
             self._sample(s, i)
 
     @staticmethod
@@ -504,13 +536,20 @@ class BatchEngine:
 
     def _sample(self, s: _Sequence, i: int) -> None:
         lc = self._lc
-        if self.record_margins:
+        greedy = s.sampler is None
+        if greedy or self.record_margins:
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i),
                                            shape=(self._n_vocab,))
-            top2 = np.partition(logits, -2)[-2:]
+            scores = penalized(logits, s.window) if greedy else logits
+        if greedy:
+            token = int(np.argmax(scores))
+        else:
+            token = int(lc.llama_sampler_sample(s.sampler, self._ctx, i))
+            lc.llama_sampler_accept(s.sampler, token)
+        if self.record_margins:  # the gap between the two best scores the choice was made on
+            top2 = np.partition(scores, -2)[-2:]
             s.margins.append(float(abs(top2[1] - top2[0])))
-        token = int(lc.llama_sampler_sample(s.sampler, self._ctx, i))
-        lc.llama_sampler_accept(s.sampler, token)
+        s.window.append(token)
         if s.first_token_at is None:
             s.first_token_at = time.monotonic()
         if lc.llama_vocab_is_eog(self._vocab, token) and not self.ignore_eog:
@@ -553,10 +592,11 @@ class BatchEngine:
         lc = self._lc
         with self._lock:
             self._active.pop(s.request.id, None)
-            self._free_ids.append(s.seq_id)
+            heapq.heappush(self._free_ids, s.seq_id)
             self._wake.notify()
         lc.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
-        lc.llama_sampler_free(s.sampler)
+        if s.sampler is not None:
+            lc.llama_sampler_free(s.sampler)
         if stopped:
             self.stats.cancelled += 1
             self._done(s.on_done, GenerationOutcome(s.request, stopped=True))
@@ -574,7 +614,35 @@ class BatchEngine:
         self._done(s.on_done, GenerationOutcome(s.request, result=result))
 
 
-def _common_head(a: list[int], b: list[int]) -> int:
+def penalties_sampler(n_vocab: int) -> Any:
+    """llama.cpp's repeat-penalty sampler with the engine's settings (the window is the
+    second argument: llama.h of the vendored llama.cpp still takes n_vocab first)."""
+    import llama_cpp
+
+    return llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, REPEAT_PENALTY,
+                                                  0.0, 0.0)
+
+
+def penalized(logits: np.ndarray, window: Iterable[int],
+              penalty: float = REPEAT_PENALTY) -> np.ndarray:
+    """The scores llama.cpp's repeat-penalty sampler leaves: each distinct token of
+    ``window`` has its logit divided by ``penalty`` when positive and multiplied when not, in
+    float32 as llama.cpp does (a copy; ``logits`` is left as it is)."""
+    seen = np.fromiter(set(window), dtype=np.intp)
+    scored = logits.copy()
+    if seen.size:
+        factor = np.float32(penalty)
+        vals = scored[seen]
+        scored[seen] = np.where(vals <= 0, vals * factor, vals / factor)
+    return scored
+
+
+def greedy_token(logits: np.ndarray, window: Iterable[int]) -> int:
+    """What llama.cpp's penalties + greedy chain picks: the first largest penalised score."""
+    return int(np.argmax(penalized(logits, window)))
+
+
+def common_head(a: list[int], b: list[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
