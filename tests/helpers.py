@@ -90,3 +90,19 @@ class Call(threading.Thread):
         finally:
             self.ready.set()
             self.elapsed = time.monotonic() - started
+
+
+NEAR_TIE = 0.25  # logits this close may swap when the batch changes how sums are rounded
+
+
+def same_or_near_tie(alone: tuple[list[int], list[float]],
+                     together: tuple[list[int], list[float]]) -> None:
+    """The same greedy tokens, or a first divergence where the top two logits were within
+    NEAR_TIE of each other in one of the runs (llama.cpp's kernels round by batch shape)."""
+    a, b = alone[0], together[0]
+    j = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if j is None:
+        return  # the same tokens (one run may have stopped earlier)
+    gap = min(alone[1][j], together[1][j])
+    assert gap < NEAR_TIE, (f"outputs diverge at token {j} although its top two logits were "
+                            f"{gap:.3f} apart: sequences mixed")

@@ -17,6 +17,8 @@ from themis_pg.generation.engine import GenerationOutcome, GenerationRequest
 from themis_pg.generation.llama import LlamaGenerator
 from themis_pg.pl.payloads import GeneratePayload
 
+from .helpers import same_or_near_tie
+
 PROMPTS = [
     "Write one sentence about the sea.",
     "List three colors.",
@@ -30,9 +32,6 @@ PROMPTS = [
 def generator(default_models: list[Any]) -> Iterator[LlamaGenerator]:
     gen = next(m for m in default_models if m.kind == "generation")
     yield LlamaGenerator(gen.path, gen.name, n_ctx=1024, own_cells=256)
-
-
-NEAR_TIE = 0.25  # logits this close may swap when the batch changes how sums are rounded
 
 
 def _engine(generator: LlamaGenerator, **kw: Any) -> BatchEngine:
@@ -87,20 +86,6 @@ def _alone(generator: LlamaGenerator, prompt: str, max_tokens: int = 24, **kw: A
         engine.close()
 
 
-def _same_or_near_tie(alone: tuple[list[int], list[float]],
-                      together: tuple[list[int], list[float]]) -> None:
-    """The same greedy tokens, or a first divergence where the top two logits were within
-    NEAR_TIE of each other in one of the runs (llama.cpp's kernels round by batch shape)."""
-    a, b = alone[0], together[0]
-    j = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-    if j is None:
-        assert len(a) == len(b) or min(len(a), len(b)) in (len(a), len(b))
-        return
-    gap = min(alone[1][j], together[1][j])
-    assert gap < NEAR_TIE, (f"outputs diverge at token {j} although its top two logits were "
-                            f"{gap:.3f} apart: sequences mixed")
-
-
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
 @pytest.mark.parametrize("shared_head", [False, True], ids=["own-cells", "shared-head"])
 def test_prompts_together_give_what_they_give_alone(generator, unified, shared_head):
@@ -126,7 +111,7 @@ def test_prompts_together_give_what_they_give_alone(generator, unified, shared_h
     for i, (want, trace) in enumerate(alone):
         result = out[i].result
         assert result is not None
-        _same_or_near_tie(trace, engine.traces[i])
+        same_or_near_tie(trace, engine.traces[i])
         exact += result.answer == want
         assert "".join(calls.pieces[i]).strip() == result.answer, "streamed pieces differ"
     if not shared_head:
@@ -163,8 +148,8 @@ def test_cancel_ends_one_sequence_and_leaves_the_others(generator):
     assert len(calls.pieces[1]) <= pieces_at_cancel + 2, "ran on after the cancel"
     for i in (0, 2):
         assert out[i].result is not None
-        _same_or_near_tie(alone[i][1], engine.traces[i])
-        _same_or_near_tie(reference.traces[i], engine.traces[i])
+        same_or_near_tie(alone[i][1], engine.traces[i])
+        same_or_near_tie(reference.traces[i], engine.traces[i])
 
 
 def test_a_full_pool_queues_in_order_and_fails_nothing(generator):
@@ -200,7 +185,7 @@ def test_the_shared_prompt_head_is_reused(generator, unified):
         reused = engine.traces[1]
     finally:
         engine.close()
-    _same_or_near_tie(alone[0][1], reused)  # the copied prefix cells hold the same values
+    same_or_near_tie(alone[0][1], reused)  # the copied prefix cells hold the same values
     assert stats["prefix"]["hits"] >= 1 and stats["prefix"]["tokens"] >= 16
     assert stats["prefix"]["tokens_reused"] >= 16
 

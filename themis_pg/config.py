@@ -38,6 +38,10 @@ def _default_index_snapshot_dir() -> Path:
     return _cache_dir() / "index"
 
 
+def _default_lora_cache() -> Path:
+    return _cache_dir() / "lora"
+
+
 class Settings(BaseSettings):
     """Process-wide settings for the CLI and the worker."""
 
@@ -120,6 +124,16 @@ class Settings(BaseSettings):
         default_factory=_default_index_snapshot_dir,
         description="Folder of the index snapshots (one file per database, model and device, "
         "about rows x dim x 4 bytes).",
+    )
+    lora_cache: Path = Field(
+        default_factory=_default_lora_cache,
+        description="Where a worker keeps the LoRA adapters it fetched from the database, one "
+        "file per sha256 (themis_pg/lora/registry.py).",
+    )
+    lora_cache_bytes: int = Field(
+        default=2 << 30,
+        description="Most bytes of adapters kept in the LoRA cache; the least recently used "
+        "go first.",
     )
     retrieval_device: str = Field(
         default="auto",

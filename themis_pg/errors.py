@@ -47,3 +47,15 @@ class IngestError(ThemisError):
     """A file could not be read or parsed at ingest."""
 
     sqlstate = "22021"  # character_not_in_repertoire (bad encoding is the usual cause)
+
+
+class InvalidAdapter(ThemisError):
+    """A LoRA adapter file that is not a GGUF LoRA adapter for the base model it names."""
+
+    sqlstate = "22023"  # invalid_parameter_value
+
+
+class AdapterNotFound(ThemisError):
+    """An adapter name the caller may not see, or that does not exist."""
+
+    sqlstate = "42704"  # undefined_object

@@ -17,11 +17,12 @@ the next step; finished, cancelled or failed ones leave at once and their cells 
 
 * *split* (the worker's default): every sequence, and the cached prefix, has a stream of
   ``kv_cells / (max_sequences + 1)`` cells; a token's attention reads only its own stream.
+  llama.cpp puts only a run of consecutive sequence ids into one micro-batch of a split
+  cache, so ids are handed out lowest first and a step's tokens go in by id.
 * *unified*: one pool, a sequence holds cells in proportion to its tokens (never ``n_ctx`` x
   sequences), but llama.cpp's attention then reads every used cell of the pool for every
-  token, masked: with 16 sequences of 800 tokens, 16x the attention work.  Measured on this
-  repository's CPU machine with 16 RAG requests: split 73 s, unified 118 s
-  (docs/benchmarks.md).
+  token, masked: with 64 sequences of 1,000 tokens on the H200, 1.46x the time of split
+  streams (16 on the 2-core CPU: 1.78x; docs/benchmarks.md).
 
 A request is admitted only when its prompt plus ``max_tokens`` fit the cells it may hold (its
 stream; in the pool, the cells not yet promised to others), so a running sequence never loses
@@ -34,18 +35,22 @@ engine keeps one cached prefix in a sequence of its own: when a new prompt start
 least ``prefix_min`` tokens of it, those cells are shared into the new sequence
 (``llama_memory_seq_cp``: in a unified cache the cells gain a sequence id, no copy; between
 split streams the cells are copied) and only the rest of the prompt is evaluated.  The prefix
-is (re)learned as the common head of two consecutive prompts.  Bit-exactness: shared cells
-hold exactly the values a fresh evaluation of the prefix computed in *some* earlier batch;
-llama.cpp's kernels can round a token's values differently depending on the batch it was in,
-so a reused prefix (like any batching) may change the last bits of later logits.  Greedy
-outputs stay the same unless two candidate tokens are within that rounding of each other
-(tests/test_batching.py shows the first divergence, when there is one, falls on such a
-near-tie).
+is learned at admission: when a prompt shares at least ``prefix_min`` leading tokens with the
+previous admitted one, that head is evaluated once, on its own, and every admitted sequence
+that has read nothing yet gets it too, so a burst of calls arriving together shares it.
+Bit-exactness: shared cells hold exactly the values that one evaluation of the prefix
+computed; reading the same tokens inside a whole prompt, or in a batch of another size, makes
+llama.cpp's kernels round differently, so a reused prefix (like any batching) may change the
+last bits of later logits.  Greedy outputs stay the same unless two candidate tokens are
+within that rounding of each other (tests/test_batching.py shows that every divergence falls
+on such a near-tie).
 
 **Sampling** per request: temperature (0 = greedy), top_p, seed, repeat penalty over the last
-64 tokens (prompt included, as llama-cpp-python does), stop strings, max_tokens.  Pieces are
-streamed to ``on_token`` as they become safe to show (no partial UTF-8 character, nothing that
-may still turn into a stop string).
+64 tokens (prompt included, as llama-cpp-python does), stop strings, max_tokens.  Greedy
+requests are sampled in NumPy (:func:`greedy_token`, the choice llama.cpp's chain makes,
+without its vocabulary-sized candidate array per token); the others by a llama.cpp sampler
+chain.  Pieces are streamed to ``on_token`` as they become safe to show (no partial UTF-8
+character, nothing that may still turn into a stop string).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,8 +151,11 @@ class BatchEngine:
                  kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
                  kv_type: str = "f16", n_threads: int | None = None,
                  record_margins: bool = False, ignore_eog: bool = False,
-                 unified: bool = True, prefill_chunk: int | None = None) -> None:
-        """``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
+                 unified: bool = True, prefill_chunk: int | None = None,
+                 adapters: Sequence[tuple[Any, float]] = ()) -> None:
+        """``adapters``: loaded LoRA adapters (``llama_adapter_lora_init``) and their scales,
+        applied to every sequence of this engine (adapters apply per llama.cpp context).
+        ``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
         sampled, so runs of random-weight models have a fixed length."""
         import llama_cpp
 
@@ -187,6 +195,14 @@ class BatchEngine:
             raise ThemisError(f"llama.cpp could not create a {self.kv_cells}-cell context "
                               f"for {self.name}",
                               hint="Lower THEMIS_KV_CELLS or THEMIS_MAX_SEQUENCES.")
+        if adapters:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(
+                *(a for a, _ in adapters))
+            scales = (ctypes.c_float * len(adapters))(*(scale for _, scale in adapters))
+            if llama_cpp.llama_set_adapters_lora(self._ctx, handles, len(adapters), scales):
+                llama_cpp.llama_free(self._ctx)
+                raise ThemisError(f"llama.cpp could not apply {len(adapters)} LoRA adapters "
+                                  f"to {self.name}")
         self.kv_type = kv_type
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model)

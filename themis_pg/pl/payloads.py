@@ -107,6 +107,19 @@ class Context:
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """A LoRA adapter a generation applies: resolved by the caller (as the caller) from
+    themis.lora_adapters, fetched by the worker by sha256."""
+
+    name: str
+    sha256: str
+    scale: float
+
+
+MAX_ADAPTERS = 8  # adapters fused into one generation
+
+
+@dataclass(frozen=True)
 class GeneratePayload:
     """``mode`` 'rag': answer ``query`` from ``contexts``; 'raw': complete ``prompt``."""
 
@@ -118,12 +131,16 @@ class GeneratePayload:
     contexts: tuple[Context, ...] = field(default_factory=tuple)
     seed: int | None = None
     stream: bool = False  # the worker sends the answer's pieces as they are generated
+    adapters: tuple[AdapterUse, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items()
-               if v is not None and k != "contexts" and not (k == "stream" and not v)}
+               if v is not None and k not in ("contexts", "adapters")
+               and not (k == "stream" and not v)}
         if self.mode == "rag":
             out["contexts"] = [asdict(c) for c in self.contexts]
+        if self.adapters:
+            out["adapters"] = [asdict(a) for a in self.adapters]
         return out
 
 
@@ -209,6 +226,23 @@ def _contexts(raw: Any, limits: Limits) -> tuple[Context, ...]:
     return tuple(out)
 
 
+def _adapters(raw: Any) -> tuple[AdapterUse, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_ADAPTERS:
+        raise PayloadError(f"job payload's 'adapters' must be a list of at most {MAX_ADAPTERS}")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise PayloadError("each adapter must be an object")
+        name, sha, scale = item.get("name"), item.get("sha256"), item.get("scale")
+        if not isinstance(name, str) or not isinstance(sha, str) or len(sha) != 64 or \
+                isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                not 0.0 <= scale <= 16.0:
+            raise PayloadError(f"invalid adapter entry {item!r} (name, sha256, a scale "
+                               "between 0 and 16)")
+        out.append(AdapterUse(name, sha, float(scale)))
+    return tuple(out)
+
+
 def _generate(payload: dict[str, Any], limits: Limits) -> GeneratePayload:
     mode = payload.get("mode", "rag")
     max_tokens = _int(payload, "max_tokens", 1, limits.max_tokens_limit)
@@ -219,15 +253,16 @@ def _generate(payload: dict[str, Any], limits: Limits) -> GeneratePayload:
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise PayloadError("job payload's 'stream' must be true or false")
+    adapters = _adapters(payload.get("adapters", []))
     if mode == "rag":
         query = _text(payload, "query", limits.max_query_chars, "max_query_chars")
         return GeneratePayload("rag", max_tokens, temperature, query=query,
                                contexts=_contexts(payload.get("contexts", []), limits), seed=seed,
-                               stream=stream)
+                               stream=stream, adapters=adapters)
     if mode == "raw":
         prompt = _text(payload, "prompt", limits.max_prompt_chars, "max_prompt_chars")
         return GeneratePayload("raw", max_tokens, temperature, prompt=prompt, seed=seed,
-                               stream=stream)
+                               stream=stream, adapters=adapters)
     raise PayloadError(f"unknown generation mode {mode!r}")
 
 

@@ -1,0 +1,3 @@
+-- Undo revision 0005 (see schema_0005.sql).
+DROP TABLE themis.lora_adapter_chunks;
+DROP TABLE themis.lora_adapters;

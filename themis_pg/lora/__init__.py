@@ -1,0 +1,1 @@
+"""LoRA adapters as table rows: their files, the registry, demo adapters."""
