@@ -30,3 +30,9 @@ CREATE TABLE themis.lora_adapter_chunks (
 
 GRANT SELECT ON themis.lora_adapters TO themis_user;
 GRANT SELECT ON themis.lora_adapters, themis.lora_adapter_chunks TO themis_worker;
+
+-- Row-level security is off until an administrator turns it on; these permissive policies
+-- keep every row visible to callers and workers then, so restrictive policies alone decide
+-- (e.g. CREATE POLICY ... AS RESTRICTIVE FOR SELECT TO some_role USING (domain = 'legal')).
+CREATE POLICY lora_adapters_visible ON themis.lora_adapters FOR SELECT
+    TO themis_user, themis_worker USING (true);

@@ -214,7 +214,9 @@ class WorkerProcess:
         self.id = f"test-worker-{uuid.uuid4().hex[:8]}"
         self.log_path = log_dir / f"{self.id}.log"
         full_env = {**os.environ, **WORKER_ENV, "THEMIS_WORKER_ID": self.id,
-                    "THEMIS_INDEX_SNAPSHOT_DIR": str(log_dir / "snapshots"), **(env or {})}
+                    "THEMIS_INDEX_SNAPSHOT_DIR": str(log_dir / "snapshots"),
+                    # every worker starts with an empty LoRA cache: it fetches from the database
+                    "THEMIS_LORA_CACHE": str(log_dir / f"lora-{self.id}"), **(env or {})}
         args = [sys.executable, "-m", "themis_pg.cli", "--dsn", dsn, "worker"]
         if kinds:
             args += ["--kinds", kinds]

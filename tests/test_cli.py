@@ -58,3 +58,25 @@ def test_reembed_command_switches_the_corpus_model(migrated_db, tmp_path):
     done = themis("reembed", "--model", "no-such-model", dsn=migrated_db)
     assert done.returncode != 0 and "no-such-model" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_lora_commands_register_list_show_and_remove(migrated_db, tmp_path):
+    done = themis("lora", "demo", str(tmp_path / "adapters"), dsn=migrated_db)
+    assert done.returncode == 0, done.stderr
+    listed = themis("lora", "list", dsn=migrated_db).stdout
+    assert [line.split()[0] for line in listed.splitlines()] == \
+        ["demo-cooking", "demo-legal", "demo-medical"]
+    shown = themis("lora", "show", "demo-medical", dsn=migrated_db)
+    assert '"domain": "medical"' in shown.stdout and '"has_centroid": true' in shown.stdout
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("not a model")
+    bad = themis("lora", "add", str(junk), "--name", "junk", dsn=migrated_db)
+    assert bad.returncode != 0 and "not a GGUF file" in bad.stderr
+    again = themis("lora", "add", str(tmp_path / "adapters" / "demo-legal.gguf"),
+                   "--name", "legal-2", "--domain", "legal", "--example", "Is it binding?",
+                   dsn=migrated_db)
+    assert again.returncode == 0, again.stderr
+    assert themis("lora", "remove", "legal-2", dsn=migrated_db).returncode == 0
+    assert one(migrated_db, "SELECT count(*) FROM themis.lora_adapters") == 3
+    missing = themis("lora", "remove", "legal-2", dsn=migrated_db)
+    assert missing.returncode != 0 and "no LoRA adapter named" in missing.stderr

@@ -95,6 +95,8 @@ def test_tables_live_in_their_own_metadata_and_schema():
             "jobs",
             "index_snapshots",
             "job_pieces",
+            "lora_adapters",
+            "lora_adapter_chunks",
         )
     }
     assert all(t.schema == "themis" for t in tables.values())

@@ -193,6 +193,127 @@ def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
                     n_threads=ctx.settings.n_threads, n_gpu_layers=ctx.settings.n_gpu_layers)
 
 
+# -- LoRA adapters -----------------------------------------------------------------------------
+@main.group()
+def lora() -> None:
+    """LoRA adapters: GGUF files stored in the database, applied per query."""
+
+
+@lora.command("add")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Name callers pass in adapters => ARRAY[...].")
+@click.option("--domain", default=None, help="Domain it serves (e.g. legal, medical).")
+@click.option("--description", default="", help="What it is for (embedded for selection).")
+@click.option("--example", "examples", multiple=True, help="An example query (repeatable).")
+@click.option("--scale", "default_scale", default=1.0, show_default=True, type=float,
+              help="Scale used when a call gives no weight.")
+@click.option("--base-model", default=None,
+              help="Generation model it adapts (default: the default generation model).")
+@pass_ctx
+def lora_add(ctx: Context, path: Path, name: str, domain: str | None, description: str,
+             examples: tuple[str, ...], default_scale: float, base_model: str | None) -> None:
+    """Validate an adapter against its base model and store it in the database."""
+    load_llama_first()
+    from .lora.registry import register_adapter
+
+    try:
+        with connect(ctx.dsn) as conn:
+            centroid = None
+            texts = [t for t in (description, *examples) if t.strip()]
+            if texts:
+                with _load_embedder(ctx, conn) as embedder:
+                    vecs = embedder.embed(texts)
+                mean = vecs.mean(axis=0)
+                centroid = mean / max(float((mean ** 2).sum()) ** 0.5, 1e-12)
+            rec = register_adapter(conn, path, name, cache_dir=ctx.settings.model_cache,
+                                   domain=domain, description=description,
+                                   base_model=base_model, default_scale=default_scale,
+                                   centroid=centroid)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(f"registered LoRA adapter {rec.name} (rank {rec.rank}, {rec.size_bytes} bytes, "
+               f"for {rec.base_model}, sha256 {rec.sha256[:12]})")
+
+
+@lora.command("list")
+@pass_ctx
+def lora_list(ctx: Context) -> None:
+    from .lora.registry import list_adapters
+
+    with connect(ctx.dsn) as conn:
+        for rec in list_adapters(conn):
+            click.echo(f"{rec.name:<24} {rec.domain or '-':<12} rank {rec.rank:<4} "
+                       f"scale {rec.default_scale:<5g} {rec.base_model}  {rec.description}")
+
+
+@lora.command("show")
+@click.argument("name")
+@pass_ctx
+def lora_show(ctx: Context, name: str) -> None:
+    from dataclasses import asdict
+
+    from .lora.registry import get_adapter
+
+    try:
+        with connect(ctx.dsn) as conn:
+            rec = get_adapter(conn, name)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(json.dumps(asdict(rec), default=str, indent=1))
+
+
+@lora.command("remove")
+@click.argument("name")
+@pass_ctx
+def lora_remove(ctx: Context, name: str) -> None:
+    from .lora.registry import remove_adapter
+
+    try:
+        with connect(ctx.dsn) as conn:
+            remove_adapter(conn, name)
+    except ThemisError as exc:
+        _fail(exc)
+    click.echo(f"removed LoRA adapter {name}")
+
+
+@lora.command("demo")
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
+@pass_ctx
+def lora_demo(ctx: Context, folder: Path) -> None:
+    """Write the demo adapters for the default generation model into FOLDER and register
+    them (random low-rank deltas with distinct descriptions: for trying selection and
+    fusion, not for better answers)."""
+    load_llama_first()
+    from .lora.demo import DEMO_ADAPTERS, write_demo_adapter
+    from .lora.registry import get_adapter, register_adapter
+    from .models import verify_registered_model
+    from .models.registry import get_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with connect(ctx.dsn) as conn:
+            base = get_model(conn, "generation", ctx.settings.generation_model or None)
+            base_path = verify_registered_model(base, cache_dir=ctx.settings.model_cache)
+            with _load_embedder(ctx, conn) as embedder:
+                for demo in DEMO_ADAPTERS:
+                    try:
+                        get_adapter(conn, demo.name)
+                        click.echo(f"{demo.name}: already registered")
+                        continue
+                    except ThemisError:
+                        pass
+                    path = write_demo_adapter(base_path, folder / f"{demo.name}.gguf",
+                                              demo.seed)
+                    mean = embedder.embed([demo.description, *demo.examples]).mean(axis=0)
+                    register_adapter(conn, path, demo.name, cache_dir=ctx.settings.model_cache,
+                                     domain=demo.domain, description=demo.description,
+                                     base_model=base.name,
+                                     centroid=mean / float((mean ** 2).sum()) ** 0.5)
+                    click.echo(f"{demo.name}: registered ({demo.domain})")
+    except ThemisError as exc:
+        _fail(exc)
+
+
 # -- documents ---------------------------------------------------------------------------------
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))

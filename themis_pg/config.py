@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         description="Where a worker keeps the LoRA adapters it fetched from the database, one "
         "file per sha256 (themis_pg/lora/registry.py).",
     )
+    max_adapter_sets: int = Field(
+        default=4,
+        description="Most LoRA adapter sets with a generation engine of their own at once "
+        "(each has its own context and KV cache; requests for another set wait).",
+    )
     lora_cache_bytes: int = Field(
         default=2 << 30,
         description="Most bytes of adapters kept in the LoRA cache; the least recently used "

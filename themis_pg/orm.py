@@ -39,6 +39,7 @@ from sqlalchemy import (
     Double,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     TableValuedAlias,
@@ -68,6 +69,8 @@ __all__ = [
     "IndexSnapshot",
     "Job",
     "JobPiece",
+    "LoraAdapter",
+    "LoraAdapterChunk",
     "Model",
     "NamedArgument",
     "Param",
@@ -297,6 +300,39 @@ class JobPiece(ThemisBase):
     piece: Mapped[str] = mapped_column(Text)
 
 
+class LoraAdapter(ThemisBase):
+    """A LoRA adapter for a registered generation model (revision 0005); callers see the
+    rows GRANT and row-level security let them."""
+
+    __tablename__ = "lora_adapters"
+    __table_args__ = _SCHEMA
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    domain: Mapped[str | None] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(Text, ForeignKey("themis.models.name"))
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(REAL)
+    default_scale: Mapped[float] = mapped_column(REAL, server_default=text("1.0"))
+    description: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    sha256: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    centroid: Mapped[FloatArray | None] = mapped_column(Embedding())
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+
+
+class LoraAdapterChunk(ThemisBase):
+    """1 MiB of an adapter file's bytes, in order (workers and the owner read them)."""
+
+    __tablename__ = "lora_adapter_chunks"
+    __table_args__ = _SCHEMA
+
+    adapter_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("themis.lora_adapters.id"),
+                                            primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Job(ThemisBase):
     """A job on the bus.  Callers see only their own rows (RLS) and not ``result``."""
 
@@ -434,17 +470,20 @@ _MAX_TOKENS = Param("max_tokens", Integer(), None)
 _TEMPERATURE = Param("temperature", Double(), 0.0)
 _TIMEOUT = Param("timeout_s", Double(), None)
 _FILTER = Param("filter", JSONB(), None)
+_ADAPTERS = Param("adapters", ARRAY(Text()), None)
+_ADAPTER_WEIGHTS = Param("adapter_weights", ARRAY(REAL()), None)
+_RAG = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER, _ADAPTERS, _ADAPTER_WEIGHTS)
 
 
 class themis_rag(_ThemisFunction[str]):
-    """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL, filter=NULL)
-    -> text``:
-    the generated answer, grounded in the top ``k`` documents the caller may read."""
+    """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL, filter=NULL,
+    adapters=NULL, adapter_weights=NULL) -> text``: the generated answer, grounded in the top
+    ``k`` documents the caller may read, with the named LoRA adapters (and scales) applied."""
 
     name = "themis_rag"
     type = Text()
     inherit_cache = True
-    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
+    signature = _RAG
 
 
 class themis_rag_stream(_ThemisFunction[str]):
@@ -456,7 +495,7 @@ class themis_rag_stream(_ThemisFunction[str]):
     type = Text()
     inherit_cache = True
     returns_set = True
-    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
+    signature = _RAG
 
 
 class themis_rag_json(_ThemisFunction[Any]):
@@ -466,7 +505,7 @@ class themis_rag_json(_ThemisFunction[Any]):
     name = "themis_rag_json"
     type = JSONB()
     inherit_cache = True
-    signature = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER)
+    signature = _RAG
 
 
 class themis_generate(_ThemisFunction[str]):

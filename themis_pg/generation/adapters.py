@@ -116,7 +116,9 @@ class AdapterEngines:
             pending = [self._where.get(r.id) for r, _, _ in self._pending]
         out = engines[()].snapshot()
         out["adapter_sets"] = [
-            {"adapters": names.get(key, []), "scales": [s for _, s in key],
+            {"adapters": sorted(names.get(key, [])), "scales": [
+                scale for _, scale in sorted(zip(names.get(key, []), (sc for _, sc in key),
+                                                 strict=True))],
              "running": e.snapshot()["running"], "queued": e.snapshot()["queued"]
              + sum(1 for p in pending if p == key), "requests": e.stats.requests,
              "tokens_out": e.stats.tokens_out}

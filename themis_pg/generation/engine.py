@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ContextOverflow, ThemisError
+from ..errors import ContextOverflow, InvalidInput, ThemisError
 from ..pl.payloads import GeneratePayload
 from .llama import GenerationResult, LlamaGenerator
 
@@ -122,6 +122,10 @@ class SequentialEngine:
     def _generate(self, request: GenerationRequest) -> GenerationOutcome:
         if self._should_stop(request.id):
             return GenerationOutcome(request, stopped=True)
+        if request.payload.adapters:
+            return GenerationOutcome(request, error=InvalidInput(
+                "this worker's sequential engine does not apply LoRA adapters",
+                hint="Run the worker with THEMIS_ENGINE=batch (the default)."))
         try:
             result = self.generator.generate(request.payload.to_json(),
                                              should_stop=lambda: self._should_stop(request.id))

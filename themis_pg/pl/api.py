@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from .bus import BusClient, Caller, JobOutcome, Submitted
 from .errors import PLError
-from .payloads import CURSOR_SLACK, EmbedPayload, SearchCursor, SearchPayload
+from .payloads import CURSOR_SLACK, MAX_ADAPTERS, EmbedPayload, SearchCursor, SearchPayload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -280,16 +280,20 @@ def top_k_visible(session: Session, query: str, k: int,
 # -- entry points ----------------------------------------------------------------------------
 @_raises_sql_errors
 def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
-        temperature: Any = None, timeout_s: Any = None, filter: Any = None) -> dict[str, Any]:
+        temperature: Any = None, timeout_s: Any = None, filter: Any = None,
+        adapters: Any = None, adapter_weights: Any = None) -> dict[str, Any]:
     started = time.monotonic()
-    args = RagArguments.checked(query, k, max_tokens, temperature, filter)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter, adapters,
+                                adapter_weights)
     session = Session(plpy, GD, timeout_s)
+    uses = resolve_adapters(plpy, args)
     docs, stats = top_k_visible(session, args.query, args.k, args.filter)
     t_gen = time.monotonic()
-    gen = session.run("generate", args.payload(docs))
+    gen = session.run("generate", args.payload(docs, adapters=uses))
     done = time.monotonic()
     return {
         "answer": gen["answer"],
+        "adapters": [{"name": u["name"], "scale": u["scale"]} for u in uses],
         "sources": [
             {"id": d["id"], "score": round(d["score"], 6), "source": d["source"],
              "snippet": d["content"][:SNIPPET_CHARS],
@@ -322,16 +326,20 @@ class RagArguments:
     max_tokens: int | None
     temperature: float
     filter: dict[str, Any] | None
+    adapters: list[str]
+    adapter_weights: list[float] | None
 
     @classmethod
     def checked(cls, query: Any, k: Any, max_tokens: Any, temperature: Any,
-                flt: Any) -> RagArguments:
+                flt: Any, adapters: Any = None, adapter_weights: Any = None) -> RagArguments:
+        names, weights = validate_adapters(adapters, adapter_weights)
         return cls(validate_text(query, "query"), validate_k(k),
                    validate_max_tokens(max_tokens),
                    validate_float(temperature, "temperature", 0.0, 2.0, 0.0) or 0.0,
-                   validate_filter(flt))
+                   validate_filter(flt), names, weights)
 
-    def payload(self, docs: list[dict[str, Any]], stream: bool = False) -> dict[str, Any]:
+    def payload(self, docs: list[dict[str, Any]], stream: bool = False,
+                adapters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The generation job over ``docs`` (bus_submit cuts each to max_context_chars)."""
         out: dict[str, Any] = {
             "mode": "rag", "query": self.query, "temperature": self.temperature,
@@ -341,19 +349,71 @@ class RagArguments:
             out["max_tokens"] = self.max_tokens
         if stream:
             out["stream"] = True
+        if adapters:
+            out["adapters"] = adapters
         return out
+
+
+def validate_adapters(names: Any, weights: Any) -> tuple[list[str], list[float] | None]:
+    """``adapters => ARRAY['legal-qa', ...]`` and optional ``adapter_weights`` (one scale per
+    adapter, 0-16; NULL: each adapter's default scale)."""
+    if names is None:
+        if weights is not None:
+            raise PLError("adapter_weights needs adapters", sqlstate="22023")
+        return [], None
+    if any(n is None or not str(n).strip() for n in names):
+        raise PLError("adapters must not contain NULL or empty names", sqlstate="22023")
+    clean = [str(n) for n in names]
+    if len(clean) > MAX_ADAPTERS or len(set(clean)) != len(clean):
+        raise PLError(f"adapters must name at most {MAX_ADAPTERS} distinct adapters",
+                      sqlstate="22023")
+    if weights is None:
+        return clean, None
+    if len(weights) != len(clean):
+        raise PLError(f"adapter_weights has {len(weights)} values for {len(clean)} adapters",
+                      sqlstate="22023")
+    out = []
+    for w in weights:
+        if w is None or not math.isfinite(float(w)) or not 0.0 <= float(w) <= 16.0:
+            raise PLError(f"adapter_weights must be between 0 and 16, not {w}",
+                          sqlstate="22023")
+        out.append(float(w))
+    return clean, out
+
+
+ADAPTERS_SQL = ("SELECT name, sha256, default_scale FROM themis.lora_adapters "
+                "WHERE name = ANY($1)")
+
+
+def resolve_adapters(plpy: Any, args: RagArguments) -> list[dict[str, Any]]:
+    """The adapters of a call, read as the caller: GRANT and row-level security on
+    themis.lora_adapters decide which ones a role may use (one it may not see is unknown)."""
+    if not args.adapters:
+        return []
+    plan = plpy.prepare(ADAPTERS_SQL, ["text[]"])
+    rows = {r["name"]: r for r in plpy.execute(plan, [args.adapters])}
+    missing = [n for n in args.adapters if n not in rows]
+    if missing:
+        raise PLError(f"unknown LoRA adapter {missing[0]!r}", sqlstate="42704",
+                      hint="SELECT name FROM themis.lora_adapters lists the ones you may use.")
+    weights = args.adapter_weights or [float(rows[n]["default_scale"]) for n in args.adapters]
+    return [{"name": n, "sha256": rows[n]["sha256"], "scale": w}
+            for n, w in zip(args.adapters, weights, strict=True)]
 
 
 @_raises_sql_errors
 def rag_stream(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
-               temperature: Any = None, timeout_s: Any = None, filter: Any = None
-               ) -> Iterator[str]:
+               temperature: Any = None, timeout_s: Any = None, filter: Any = None,
+               adapters: Any = None, adapter_weights: Any = None) -> Iterator[str]:
     """themis_rag_stream: the checks and the retrieval happen here, before the first row;
     then the answer's pieces as the worker generates them."""
-    args = RagArguments.checked(query, k, max_tokens, temperature, filter)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter, adapters,
+                                adapter_weights)
     session = Session(plpy, GD, timeout_s)
+    uses = resolve_adapters(plpy, args)
     docs, _ = top_k_visible(session, args.query, args.k, args.filter)
-    return _pieces(plpy, session.stream("generate", args.payload(docs, stream=True)))
+    return _pieces(plpy, session.stream("generate", args.payload(docs, stream=True,
+                                                                   adapters=uses)))
 
 
 def _pieces(plpy: Any, pieces: Iterator[str]) -> Iterator[str]:

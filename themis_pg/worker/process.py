@@ -19,7 +19,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,14 @@ from ..bus.queries import query
 from ..config import Settings
 from ..embedding import Embedder
 from ..errors import ModelMismatch, ThemisError
-from ..generation.batching import BatchEngine
+from ..generation.adapters import AdapterEngines
 from ..generation.engine import GenerationEngine, SequentialEngine
 from ..generation.llama import LlamaGenerator
+from ..lora.registry import AdapterCache
 from ..memory import MemoryBudgetExceeded, plan_worker_memory
 from ..models import verify_registered_model
 from ..models.registry import get_model
-from ..pl.payloads import Limits
+from ..pl.payloads import AdapterUse, Limits
 from ..retrieval.index import EmbeddingIndex
 from ..retrieval.snapshot import SnapshotStore, snapshot_key
 from ..retrieval.store import make_store
@@ -108,14 +109,23 @@ class Worker:
             if settings.index_snapshots else None
         self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name, store,
                                     connect=lambda: connect(dsn), snapshots=snapshots)
+        self._adapters = AdapterCache(settings.lora_cache, settings.lora_cache_bytes)
+        self._adapter_lock = threading.Lock()
         self.engine: GenerationEngine | None = None
         if gen is not None and gen_path is not None:
-            self.engine = self._engine(settings, gen.name, gen_path)
+            self.engine = self._engine(settings, gen.name, gen_path, self._adapter_file)
         log.info("worker %s: embedding model %s (dim %d), generation model %s",
                  self.worker_id, emb.name, self.embedder.dim, gen.name if gen else "-")
 
+    def _adapter_file(self, use: AdapterUse) -> Path:
+        """A LoRA adapter's local file: the cache's, or fetched from the database into it
+        (a connection of its own: this runs on the generation lane, between jobs)."""
+        with self._adapter_lock, connect(self.dsn) as conn:
+            return self._adapters.path(conn, use.sha256)
+
     @staticmethod
-    def _engine(settings: Settings, name: str, path: Path) -> GenerationEngine:
+    def _engine(settings: Settings, name: str, path: Path,
+                adapter_file: Callable[[AdapterUse], Path]) -> GenerationEngine:
         """The generation engine the settings ask for, on the registered model file."""
         batch = settings.engine == "batch"
         if settings.engine not in ("batch", "sequential"):
@@ -134,9 +144,10 @@ class Worker:
                                    own_cells=256 if batch else None)
         if not batch:
             return SequentialEngine(generator)
-        return BatchEngine(generator, max_sequences=settings.max_sequences, kv_cells=cells,
-                           kv_type=settings.kv_type, n_threads=settings.n_threads,
-                           unified=unified)
+        return AdapterEngines(generator, adapter_file, max_sequences=settings.max_sequences,
+                              max_sets=settings.max_adapter_sets, kv_cells=cells,
+                              kv_type=settings.kv_type, n_threads=settings.n_threads,
+                              unified=unified)
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -164,8 +175,8 @@ class Worker:
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
                              "mean_ms": round(search_ms / batches, 3) if batches else 0.0},
                 "memory": self.memory.as_json(),
-                "generation": self.engine.snapshot() if isinstance(self.engine, BatchEngine)
-                else None,
+                "generation": self.engine.snapshot()
+                if isinstance(self.engine, AdapterEngines) else None,
                 "embedding_model": self.embedder.name,
                 "generation_model": self.engine.name if self.engine else None,
                 "uptime_s": round(time.time() - self.started, 1)}
