@@ -32,6 +32,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import llama_cpp  # noqa: F401  (libllama before NumPy: themis_pg.generation.loa
 import numpy as np
 
 from themis_pg.generation.batching import BatchEngine, common_head
-from themis_pg.generation.engine import GenerationOutcome, GenerationRequest
+from themis_pg.generation.engine import GenerationEngine, GenerationOutcome, GenerationRequest
 from themis_pg.generation.llama import LlamaGenerator
 from themis_pg.pl.payloads import Context, GeneratePayload
 
@@ -90,7 +91,7 @@ def gpu_memory_mib(pid: int) -> int | None:
     return sum(used) if used else None
 
 
-def run_engine(engine: BatchEngine, reqs: list[GeneratePayload]) -> dict[str, Any]:
+def run_engine(engine: GenerationEngine, reqs: list[GeneratePayload]) -> dict[str, Any]:
     done = threading.Condition()
     finished: dict[int, tuple[float, GenerationOutcome]] = {}
     first: dict[int, float] = {}
@@ -141,13 +142,16 @@ def run_sequential(peer: LlamaGenerator, reqs: list[GeneratePayload]) -> dict[st
 
 
 def run_llama_server(binary: str, model: Path, gen: LlamaGenerator,
-                     reqs: list[GeneratePayload], n_gpu_layers: int, port: int = 8093
-                     ) -> dict[str, Any]:
+                     reqs: list[GeneratePayload], n_gpu_layers: int, port: int = 8093,
+                     server_args: tuple[str, ...] = (),
+                     body: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``server_args`` are added to llama-server's command line, ``body(i)`` to request i."""
     c = len(reqs)
     prompts = [gen.prepare(p.to_json()).tokens for p in reqs]
     ctx = c * (max(len(t) for t in prompts) + reqs[0].max_tokens + 16)
     proc = subprocess.Popen([binary, "-m", str(model), "-np", str(c), "-cb", "-c", str(ctx),
-                             "-ngl", str(n_gpu_layers), "--port", str(port), "-fa", "on"],
+                             "-ngl", str(n_gpu_layers), "--port", str(port), "-fa", "on",
+                             *server_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -164,10 +168,10 @@ def run_llama_server(binary: str, model: Path, gen: LlamaGenerator,
         t0 = time.perf_counter()
 
         def call(i: int) -> None:
-            body = json.dumps({"prompt": prompts[i], "n_predict": reqs[i].max_tokens,
+            data = json.dumps({"prompt": prompts[i], "n_predict": reqs[i].max_tokens,
                                "ignore_eos": True, "temperature": 0, "cache_prompt": True,
-                               "stream": True})
-            req = urllib.request.Request(f"{url}/completion", body.encode(),
+                               "stream": True, **(body(i) if body else {})})
+            req = urllib.request.Request(f"{url}/completion", data.encode(),
                                          {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=3600) as r:
                 for line in r:  # server-sent events, one per token, the last with the totals
@@ -192,6 +196,15 @@ def run_llama_server(binary: str, model: Path, gen: LlamaGenerator,
         proc.wait(timeout=30)
 
 
+def default_generation_model() -> Path:
+    """The default generation model's file (fetched into the model cache if needed)."""
+    from themis_pg.config import get_settings
+    from themis_pg.models.fetch import ensure_default_models
+
+    return Path(next(m.path for m in ensure_default_models(get_settings().model_cache)
+                     if m.kind == "generation"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
@@ -213,13 +226,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model = args.model
-    if model is None:
-        from themis_pg.config import get_settings
-        from themis_pg.models.fetch import ensure_default_models
-
-        model = next(m.path for m in ensure_default_models(get_settings().model_cache)
-                     if m.kind == "generation")
+    model = args.model or default_generation_model()
     peer = LlamaGenerator(model, "bench", n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
     levels = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict[str, Any]] = []

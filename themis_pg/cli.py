@@ -199,6 +199,12 @@ def lora() -> None:
     """LoRA adapters: GGUF files stored in the database, applied per query."""
 
 
+def _centroid(embedder: Any, texts: list[str]) -> Any:
+    """Where an adapter sits among queries: the normalised mean of its texts' embeddings."""
+    mean = embedder.embed(texts).mean(axis=0)
+    return mean / max(float((mean ** 2).sum()) ** 0.5, 1e-12)
+
+
 @lora.command("add")
 @click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--name", required=True, help="Name callers pass in adapters => ARRAY[...].")
@@ -222,9 +228,7 @@ def lora_add(ctx: Context, path: Path, name: str, domain: str | None, descriptio
             texts = [t for t in (description, *examples) if t.strip()]
             if texts:
                 with _load_embedder(ctx, conn) as embedder:
-                    vecs = embedder.embed(texts)
-                mean = vecs.mean(axis=0)
-                centroid = mean / max(float((mean ** 2).sum()) ** 0.5, 1e-12)
+                    centroid = _centroid(embedder, texts)
             rec = register_adapter(conn, path, name, cache_dir=ctx.settings.model_cache,
                                    domain=domain, description=description,
                                    base_model=base_model, default_scale=default_scale,
@@ -304,11 +308,10 @@ def lora_demo(ctx: Context, folder: Path) -> None:
                         pass
                     path = write_demo_adapter(base_path, folder / f"{demo.name}.gguf",
                                               demo.seed)
-                    mean = embedder.embed([demo.description, *demo.examples]).mean(axis=0)
                     register_adapter(conn, path, demo.name, cache_dir=ctx.settings.model_cache,
                                      domain=demo.domain, description=demo.description,
-                                     base_model=base.name,
-                                     centroid=mean / float((mean ** 2).sum()) ** 0.5)
+                                     base_model=base.name, centroid=_centroid(
+                                         embedder, [demo.description, *demo.examples]))
                     click.echo(f"{demo.name}: registered ({demo.domain})")
     except ThemisError as exc:
         _fail(exc)
