@@ -36,3 +36,9 @@ GRANT SELECT ON themis.lora_adapters, themis.lora_adapter_chunks TO themis_worke
 -- (e.g. CREATE POLICY ... AS RESTRICTIVE FOR SELECT TO some_role USING (domain = 'legal')).
 CREATE POLICY lora_adapters_visible ON themis.lora_adapters FOR SELECT
     TO themis_user, themis_worker USING (true);
+
+-- Automatic adapter selection (themis_rag(..., auto_adapters => true), themis_pl/adapters.py).
+INSERT INTO themis.config (key, value, description) VALUES
+    ('lora_auto_threshold', '0.3', 'least cosine between a query and an adapter centroid for the adapter to be chosen'),
+    ('lora_auto_temperature', '0.05', 'softmax temperature over the chosen adapters'' similarities'),
+    ('lora_auto_max', '2', 'most adapters fused for one query');

@@ -472,13 +472,15 @@ _TIMEOUT = Param("timeout_s", Double(), None)
 _FILTER = Param("filter", JSONB(), None)
 _ADAPTERS = Param("adapters", ARRAY(Text()), None)
 _ADAPTER_WEIGHTS = Param("adapter_weights", ARRAY(REAL()), None)
-_RAG = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER, _ADAPTERS, _ADAPTER_WEIGHTS)
+_RAG = (_QUERY, _K, _MAX_TOKENS, _TEMPERATURE, _TIMEOUT, _FILTER, _ADAPTERS, _ADAPTER_WEIGHTS,
+        Param("auto_adapters", Boolean(), False), Param("domains", ARRAY(Text()), None))
 
 
 class themis_rag(_ThemisFunction[str]):
     """``themis_rag(query, k=5, max_tokens=NULL, temperature=0, timeout_s=NULL, filter=NULL,
-    adapters=NULL, adapter_weights=NULL) -> text``: the generated answer, grounded in the top
-    ``k`` documents the caller may read, with the named LoRA adapters (and scales) applied."""
+    adapters=NULL, adapter_weights=NULL, auto_adapters=false, domains=NULL) -> text``: the
+    generated answer, grounded in the top ``k`` documents the caller may read, with LoRA
+    adapters named, chosen by the query, or those of ``domains`` (see the README)."""
 
     name = "themis_rag"
     type = Text()

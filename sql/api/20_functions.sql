@@ -27,7 +27,7 @@ $$;
 CREATE OR REPLACE FUNCTION themis.rag_py(
     query text, k integer, max_tokens integer, temperature double precision,
     timeout_s double precision, as_json boolean, filter jsonb, adapters text[],
-    adapter_weights real[]
+    adapter_weights real[], auto_adapters boolean, domains text[]
 ) RETURNS text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
@@ -35,7 +35,8 @@ import json
 from themis_pl import api
 result = api.rag(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
                  timeout_s=timeout_s, filter=filter, adapters=adapters,
-                 adapter_weights=adapter_weights)
+                 adapter_weights=adapter_weights, auto_adapters=auto_adapters,
+                 domains=domains)
 return json.dumps(result) if as_json else result["answer"]
 $$;
 
@@ -70,14 +71,15 @@ $$;
 CREATE OR REPLACE FUNCTION public.themis_rag(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
     temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
-    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL
+    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL,
+    auto_adapters boolean DEFAULT false, domains text[] DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, false, filter, adapters,
-                         adapter_weights);
+                         adapter_weights, auto_adapters, domains);
 EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
@@ -87,14 +89,15 @@ $$;
 CREATE OR REPLACE FUNCTION public.themis_rag_json(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
     temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
-    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL
+    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL,
+    auto_adapters boolean DEFAULT false, domains text[] DEFAULT NULL
 ) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 DECLARE msg text; state text; hint text;
 BEGIN
     RETURN themis.rag_py(query, k, max_tokens, temperature, timeout_s, true, filter, adapters,
-                         adapter_weights)::jsonb;
+                         adapter_weights, auto_adapters, domains)::jsonb;
 EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
     PERFORM themis.reraise(msg, state, hint);
@@ -110,14 +113,16 @@ $$;
 CREATE OR REPLACE FUNCTION public.themis_rag_stream(
     query text, k integer DEFAULT 5, max_tokens integer DEFAULT NULL,
     temperature double precision DEFAULT 0, timeout_s double precision DEFAULT NULL,
-    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL
+    filter jsonb DEFAULT NULL, adapters text[] DEFAULT NULL, adapter_weights real[] DEFAULT NULL,
+    auto_adapters boolean DEFAULT false, domains text[] DEFAULT NULL
 ) RETURNS SETOF text
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
     SET themis.execute = 'themis_user' AS $$
 from themis_pl import api
 return api.rag_stream(plpy, GD, query, k, max_tokens=max_tokens, temperature=temperature,
                       timeout_s=timeout_s, filter=filter, adapters=adapters,
-                      adapter_weights=adapter_weights)
+                      adapter_weights=adapter_weights, auto_adapters=auto_adapters,
+                      domains=domains)
 $$;
 
 CREATE OR REPLACE FUNCTION public.themis_search(

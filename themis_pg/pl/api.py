@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import adapters as lora
 from .bus import BusClient, Caller, JobOutcome, Submitted
 from .errors import PLError
-from .payloads import CURSOR_SLACK, MAX_ADAPTERS, EmbedPayload, SearchCursor, SearchPayload
+from .payloads import CURSOR_SLACK, EmbedPayload, SearchCursor, SearchPayload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -239,8 +240,8 @@ def next_cursor(seen: dict[int, float], last_score: float) -> SearchCursor:
 
 
 def top_k_visible(session: Session, query: str, k: int,
-                  flt: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]],
-                                                             dict[str, Any]]:
+                  flt: dict[str, Any] | None = None, want_vector: bool = False
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The k best documents the caller can see, best first, and the search's stats.
 
     Candidates come from the worker, which sees every row; those the caller cannot read are
@@ -254,12 +255,13 @@ def top_k_visible(session: Session, query: str, k: int,
     cursor: SearchCursor | None = None
     vector: str | None = None
     for _ in range(MAX_SEARCH_ROUNDS):
-        result = session.run("search",
-                             SearchPayload(query, k, n, cursor, vector, flt).to_json())
+        result = session.run("search", SearchPayload(
+            query, k, n, cursor, vector, flt, want_vector and vector is None).to_json())
         stats["rounds"] += 1
         stats["embed_ms"] += result.get("embed_ms", 0.0)
         stats["search_ms"] += result.get("search_ms", 0.0)
         stats["embedding_model"] = result.get("model")
+        stats.setdefault("vector_b64", result.get("vector_b64"))
         candidates = [(int(i), float(s)) for i, s in result["candidates"]]
         fresh = [(i, s) for i, s in candidates if i not in seen]
         seen.update(fresh)
@@ -281,13 +283,13 @@ def top_k_visible(session: Session, query: str, k: int,
 @_raises_sql_errors
 def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
         temperature: Any = None, timeout_s: Any = None, filter: Any = None,
-        adapters: Any = None, adapter_weights: Any = None) -> dict[str, Any]:
+        adapters: Any = None, adapter_weights: Any = None, auto_adapters: Any = None,
+        domains: Any = None) -> dict[str, Any]:
     started = time.monotonic()
-    args = RagArguments.checked(query, k, max_tokens, temperature, filter, adapters,
-                                adapter_weights)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter,
+                                lora.choose(adapters, adapter_weights, auto_adapters, domains))
     session = Session(plpy, GD, timeout_s)
-    uses = resolve_adapters(plpy, args)
-    docs, stats = top_k_visible(session, args.query, args.k, args.filter)
+    docs, stats, uses = retrieve_with_adapters(session, args)
     t_gen = time.monotonic()
     gen = session.run("generate", args.payload(docs, adapters=uses))
     done = time.monotonic()
@@ -297,7 +299,8 @@ def rag(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = 
         "sources": [
             {"id": d["id"], "score": round(d["score"], 6), "source": d["source"],
              "snippet": d["content"][:SNIPPET_CHARS],
-             "metadata": json.loads(d["metadata"]) if d["metadata"] else {}}
+             "metadata": json.loads(d["metadata"]) if d["metadata"] else {},
+             **({"domain": d["domain"]} if "domain" in d else {})}
             for d in docs
         ],
         "model": gen.get("model"),
@@ -326,17 +329,16 @@ class RagArguments:
     max_tokens: int | None
     temperature: float
     filter: dict[str, Any] | None
-    adapters: list[str]
-    adapter_weights: list[float] | None
+    adapters: lora.AdapterChoice
 
     @classmethod
     def checked(cls, query: Any, k: Any, max_tokens: Any, temperature: Any,
-                flt: Any, adapters: Any = None, adapter_weights: Any = None) -> RagArguments:
-        names, weights = validate_adapters(adapters, adapter_weights)
+                flt: Any, adapters: lora.AdapterChoice | None = None) -> RagArguments:
         return cls(validate_text(query, "query"), validate_k(k),
                    validate_max_tokens(max_tokens),
                    validate_float(temperature, "temperature", 0.0, 2.0, 0.0) or 0.0,
-                   validate_filter(flt), names, weights)
+                   validate_filter(flt),
+                   adapters or lora.choose(None, None, None, None))
 
     def payload(self, docs: list[dict[str, Any]], stream: bool = False,
                 adapters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -354,66 +356,46 @@ class RagArguments:
         return out
 
 
-def validate_adapters(names: Any, weights: Any) -> tuple[list[str], list[float] | None]:
-    """``adapters => ARRAY['legal-qa', ...]`` and optional ``adapter_weights`` (one scale per
-    adapter, 0-16; NULL: each adapter's default scale)."""
-    if names is None:
-        if weights is not None:
-            raise PLError("adapter_weights needs adapters", sqlstate="22023")
-        return [], None
-    if any(n is None or not str(n).strip() for n in names):
-        raise PLError("adapters must not contain NULL or empty names", sqlstate="22023")
-    clean = [str(n) for n in names]
-    if len(clean) > MAX_ADAPTERS or len(set(clean)) != len(clean):
-        raise PLError(f"adapters must name at most {MAX_ADAPTERS} distinct adapters",
-                      sqlstate="22023")
-    if weights is None:
-        return clean, None
-    if len(weights) != len(clean):
-        raise PLError(f"adapter_weights has {len(weights)} values for {len(clean)} adapters",
-                      sqlstate="22023")
-    out = []
-    for w in weights:
-        if w is None or not math.isfinite(float(w)) or not 0.0 <= float(w) <= 16.0:
-            raise PLError(f"adapter_weights must be between 0 and 16, not {w}",
-                          sqlstate="22023")
-        out.append(float(w))
-    return clean, out
-
-
-ADAPTERS_SQL = ("SELECT name, sha256, default_scale FROM themis.lora_adapters "
-                "WHERE name = ANY($1)")
-
-
-def resolve_adapters(plpy: Any, args: RagArguments) -> list[dict[str, Any]]:
-    """The adapters of a call, read as the caller: GRANT and row-level security on
-    themis.lora_adapters decide which ones a role may use (one it may not see is unknown)."""
-    if not args.adapters:
-        return []
-    plan = plpy.prepare(ADAPTERS_SQL, ["text[]"])
-    rows = {r["name"]: r for r in plpy.execute(plan, [args.adapters])}
-    missing = [n for n in args.adapters if n not in rows]
-    if missing:
-        raise PLError(f"unknown LoRA adapter {missing[0]!r}", sqlstate="42704",
-                      hint="SELECT name FROM themis.lora_adapters lists the ones you may use.")
-    weights = args.adapter_weights or [float(rows[n]["default_scale"]) for n in args.adapters]
-    return [{"name": n, "sha256": rows[n]["sha256"], "scale": w}
-            for n, w in zip(args.adapters, weights, strict=True)]
-
-
 @_raises_sql_errors
 def rag_stream(plpy: Any, GD: dict[str, Any], query: Any, k: Any, *, max_tokens: Any = None,
                temperature: Any = None, timeout_s: Any = None, filter: Any = None,
-               adapters: Any = None, adapter_weights: Any = None) -> Iterator[str]:
+               adapters: Any = None, adapter_weights: Any = None, auto_adapters: Any = None,
+               domains: Any = None) -> Iterator[str]:
     """themis_rag_stream: the checks and the retrieval happen here, before the first row;
     then the answer's pieces as the worker generates them."""
-    args = RagArguments.checked(query, k, max_tokens, temperature, filter, adapters,
-                                adapter_weights)
+    args = RagArguments.checked(query, k, max_tokens, temperature, filter,
+                                lora.choose(adapters, adapter_weights, auto_adapters, domains))
     session = Session(plpy, GD, timeout_s)
-    uses = resolve_adapters(plpy, args)
-    docs, _ = top_k_visible(session, args.query, args.k, args.filter)
+    docs, _, uses = retrieve_with_adapters(session, args)
     return _pieces(plpy, session.stream("generate", args.payload(docs, stream=True,
                                                                    adapters=uses)))
+
+
+def retrieve_with_adapters(session: Session, args: RagArguments
+                           ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """The documents, the search's stats and the adapters of a RAG call.  With domains
+    (federated RAG) each domain gets its share of k from its own documents
+    (``metadata->>'domain'``), the merged list best first, each row marked with its domain."""
+    choice = args.adapters
+    if not choice.domains:
+        docs, stats = top_k_visible(session, args.query, args.k, args.filter,
+                                    want_vector=choice.auto)
+        uses = lora.auto_select(session.plpy, stats.get("vector_b64")) if choice.auto else \
+            lora.explicit_adapters(session.plpy, choice)
+        return docs, stats, uses
+    docs = []
+    total: dict[str, Any] = {"embed_ms": 0.0, "search_ms": 0.0, "rounds": 0}
+    share = -(-args.k // len(choice.domains))  # ceil: every domain gets its place
+    for domain in choice.domains:
+        found, st = top_k_visible(session, args.query, share,
+                                  {**(args.filter or {}), "domain": domain})
+        docs += [dict(d, domain=domain) for d in found]
+        for key in ("embed_ms", "search_ms", "rounds"):
+            total[key] += st[key]
+        total["embedding_model"] = st.get("embedding_model")
+    docs.sort(key=lambda d: -d["score"])  # k rounded up to whole shares: no domain is cut
+    return docs, total, \
+        lora.domain_adapters(session.plpy, choice)
 
 
 def _pieces(plpy: Any, pieces: Iterator[str]) -> Iterator[str]:

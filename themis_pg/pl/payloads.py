@@ -77,9 +77,12 @@ class SearchPayload:
     cursor: SearchCursor | None = None
     vector_b64: str | None = None
     filter: dict[str, Any] | None = None  # jsonb containment on documents.metadata
+    want_vector: bool = False  # return the query's embedding (automatic adapter selection)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"query": self.query, "k": self.k, "n": self.n}
+        if self.want_vector:
+            out["want_vector"] = True
         if self.cursor is not None:
             out["cursor"] = {"score": self.cursor.score, "exclude": list(self.cursor.exclude)}
         if self.vector_b64 is not None:
@@ -199,7 +202,10 @@ def _search(payload: dict[str, Any], limits: Limits) -> SearchPayload:
     flt = payload.get("filter")
     if flt is not None and not isinstance(flt, dict):
         raise PayloadError("filter must be a jsonb object, e.g. '{\"lang\": \"en\"}'")
-    return SearchPayload(query, k, n, cursor, vector, flt)
+    want = payload.get("want_vector", False)
+    if not isinstance(want, bool):
+        raise PayloadError("job payload's 'want_vector' must be true or false")
+    return SearchPayload(query, k, n, cursor, vector, flt, want)
 
 
 def _contexts(raw: Any, limits: Limits) -> tuple[Context, ...]:

@@ -171,7 +171,9 @@ class SearchLane(Lane):
                 "embed_ms": round(embed_ms if i in to_embed else 0.0, 3),
                 "search_ms": round((t2 - t1) * 1000, 3), "index_size": len(index),
                 "max_candidates": worker.limits.max_candidates}
-            if not exhausted:  # a later round of this call may need it: embed once per call
+            # a later round of this call may need it (embed once per call), or the caller
+            # chooses adapters by it
+            if not exhausted or payload.want_vector:
                 result["vector_b64"] = encode_vector(vectors[i])
             done.append(Finished(job, result))
         return done
