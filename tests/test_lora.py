@@ -249,3 +249,51 @@ def test_more_sets_than_engines_wait_and_all_finish(generator, adapters):
         runner.engines.close()
     assert got[0] == _alone(generator, adapters, {"a": 1.0})[0]
     assert got[1] == _alone(generator, adapters, {"b": 1.0})[0]
+
+
+def test_a_peft_folder_imports_loads_and_changes_the_output(generator, base_path, tmp_path,
+                                                            migrated_db, model_cache):
+    """A PEFT adapter folder made here (q_proj and v_proj of every layer) converts to a GGUF
+    adapter that validates, registers, and changes the model's answer."""
+    import json
+
+    import gguf
+    from safetensors.numpy import save_file
+
+    from themis_pg.lora.adapter_file import validate_adapter
+    from themis_pg.lora.peft import _permute, convert_peft
+
+    _, shapes = base_model_shapes(base_path)
+    blocks = 1 + max(int(n.split(".")[1]) for n in shapes if n.startswith("blk."))
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for i in range(blocks):
+        for module, gguf_name in (("q_proj", "attn_q"), ("v_proj", "attn_v")):
+            n_in, n_out = shapes[f"blk.{i}.{gguf_name}.weight"]
+            key = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, n_in ** -0.5, (4, n_in)).astype(
+                np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.4, (n_out, 4)).astype(np.float32)
+    peft = tmp_path / "my-peft"
+    peft.mkdir()
+    save_file(tensors, str(peft / "adapter_model.safetensors"))
+    (peft / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    out = convert_peft(peft, base_path, tmp_path / "my-peft.gguf")
+    info = validate_adapter(out, base_path)
+    assert (info.rank, info.alpha, len(info.adapted)) == (4, 8.0, 2 * blocks)
+    written = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    b_q = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert np.array_equal(written["blk.0.attn_q.weight.lora_b"], _permute(b_q, 9))
+    assert not np.array_equal(written["blk.0.attn_q.weight.lora_b"], b_q)
+    assert np.array_equal(written["blk.0.attn_v.weight.lora_b"], tensors[
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"])
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        assert register_adapter(conn, out, "my-peft", cache_dir=model_cache).rank == 4
+    files = {"peft": out}
+    assert _alone(generator, files, {"peft": 1.0})[0] != _alone(generator, files, {})[0]
+    bad = tmp_path / "not-peft"
+    bad.mkdir()
+    with pytest.raises(InvalidAdapter, match="not a PEFT adapter folder"):
+        convert_peft(bad, base_path, tmp_path / "x.gguf")

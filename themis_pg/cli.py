@@ -205,25 +205,43 @@ def _centroid(embedder: Any, texts: list[str]) -> Any:
     return mean / max(float((mean ** 2).sum()) ** 0.5, 1e-12)
 
 
-@lora.command("add")
-@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--name", required=True, help="Name callers pass in adapters => ARRAY[...].")
-@click.option("--domain", default=None, help="Domain it serves (e.g. legal, medical).")
-@click.option("--description", default="", help="What it is for (embedded for selection).")
-@click.option("--example", "examples", multiple=True, help="An example query (repeatable).")
-@click.option("--scale", "default_scale", default=1.0, show_default=True, type=float,
-              help="Scale used when a call gives no weight.")
-@click.option("--base-model", default=None,
-              help="Generation model it adapts (default: the default generation model).")
-@pass_ctx
-def lora_add(ctx: Context, path: Path, name: str, domain: str | None, description: str,
-             examples: tuple[str, ...], default_scale: float, base_model: str | None) -> None:
-    """Validate an adapter against its base model and store it in the database."""
+_ADAPTER_OPTIONS = [
+    click.option("--name", required=True, help="Name callers pass in adapters => ARRAY[...]."),
+    click.option("--domain", default=None, help="Domain it serves (e.g. legal, medical)."),
+    click.option("--description", default="", help="What it is for (embedded for selection)."),
+    click.option("--example", "examples", multiple=True, help="An example query (repeatable)."),
+    click.option("--scale", "default_scale", default=1.0, show_default=True, type=float,
+                 help="Scale used when a call gives no weight."),
+    click.option("--base-model", default=None,
+                 help="Generation model it adapts (default: the default generation model)."),
+]
+
+
+def _adapter_options(f: Any) -> Any:
+    for option in reversed(_ADAPTER_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _register_adapter(ctx: Context, path: Path | None, name: str, domain: str | None,
+                      description: str, examples: tuple[str, ...], default_scale: float,
+                      base_model: str | None, peft: Path | None = None) -> None:
+    """Validate and store an adapter file (or a PEFT folder, converted first)."""
     load_llama_first()
+    import tempfile
+
+    from .lora.peft import convert_peft
     from .lora.registry import register_adapter
+    from .models import verify_registered_model
+    from .models.registry import get_model
 
     try:
-        with connect(ctx.dsn) as conn:
+        with connect(ctx.dsn) as conn, tempfile.TemporaryDirectory() as tmp:
+            if peft is not None:
+                base = get_model(conn, "generation", base_model)
+                path = convert_peft(peft, verify_registered_model(
+                    base, cache_dir=ctx.settings.model_cache), Path(tmp) / f"{name}.gguf")
+            assert path is not None
             centroid = None
             texts = [t for t in (description, *examples) if t.strip()]
             if texts:
@@ -237,6 +255,29 @@ def lora_add(ctx: Context, path: Path, name: str, domain: str | None, descriptio
         _fail(exc)
     click.echo(f"registered LoRA adapter {rec.name} (rank {rec.rank}, {rec.size_bytes} bytes, "
                f"for {rec.base_model}, sha256 {rec.sha256[:12]})")
+
+
+@lora.command("add")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@_adapter_options
+@pass_ctx
+def lora_add(ctx: Context, path: Path, name: str, domain: str | None, description: str,
+             examples: tuple[str, ...], default_scale: float, base_model: str | None) -> None:
+    """Validate a GGUF adapter against its base model and store it in the database."""
+    _register_adapter(ctx, path, name, domain, description, examples, default_scale,
+                      base_model)
+
+
+@lora.command("import")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@_adapter_options
+@pass_ctx
+def lora_import(ctx: Context, folder: Path, name: str, domain: str | None, description: str,
+                examples: tuple[str, ...], default_scale: float,
+                base_model: str | None) -> None:
+    """Convert a HuggingFace PEFT adapter folder to GGUF, validate and store it."""
+    _register_adapter(ctx, None, name, domain, description, examples, default_scale,
+                      base_model, peft=folder)
 
 
 @lora.command("list")
