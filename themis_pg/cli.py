@@ -321,6 +321,30 @@ def lora_remove(ctx: Context, name: str) -> None:
     click.echo(f"removed LoRA adapter {name}")
 
 
+def _register_demo_adapters(ctx: Context, conn: Any, folder: Path) -> None:
+    """Write and register the demo adapters not registered yet."""
+    from .lora.demo import DEMO_ADAPTERS, write_demo_adapter
+    from .lora.registry import list_adapters, register_adapter
+    from .models import verify_registered_model
+    from .models.registry import get_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = {rec.name for rec in list_adapters(conn)}
+    base = get_model(conn, "generation", ctx.settings.generation_model or None)
+    base_path = verify_registered_model(base, cache_dir=ctx.settings.model_cache)
+    with _load_embedder(ctx, conn) as embedder:
+        for demo in DEMO_ADAPTERS:
+            if demo.name in have:
+                click.echo(f"      {demo.name}: already registered")
+                continue
+            path = write_demo_adapter(base_path, folder / f"{demo.name}.gguf", demo.seed)
+            register_adapter(conn, path, demo.name, cache_dir=ctx.settings.model_cache,
+                             domain=demo.domain, description=demo.description,
+                             base_model=base.name, centroid=_centroid(
+                                 embedder, [demo.description, *demo.examples]))
+            click.echo(f"      {demo.name}: registered ({demo.domain})")
+
+
 @lora.command("demo")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
 @pass_ctx
@@ -329,31 +353,9 @@ def lora_demo(ctx: Context, folder: Path) -> None:
     them (random low-rank deltas with distinct descriptions: for trying selection and
     fusion, not for better answers)."""
     load_llama_first()
-    from .lora.demo import DEMO_ADAPTERS, write_demo_adapter
-    from .lora.registry import get_adapter, register_adapter
-    from .models import verify_registered_model
-    from .models.registry import get_model
-
-    folder.mkdir(parents=True, exist_ok=True)
     try:
         with connect(ctx.dsn) as conn:
-            base = get_model(conn, "generation", ctx.settings.generation_model or None)
-            base_path = verify_registered_model(base, cache_dir=ctx.settings.model_cache)
-            with _load_embedder(ctx, conn) as embedder:
-                for demo in DEMO_ADAPTERS:
-                    try:
-                        get_adapter(conn, demo.name)
-                        click.echo(f"{demo.name}: already registered")
-                        continue
-                    except ThemisError:
-                        pass
-                    path = write_demo_adapter(base_path, folder / f"{demo.name}.gguf",
-                                              demo.seed)
-                    register_adapter(conn, path, demo.name, cache_dir=ctx.settings.model_cache,
-                                     domain=demo.domain, description=demo.description,
-                                     base_model=base.name, centroid=_centroid(
-                                         embedder, [demo.description, *demo.examples]))
-                    click.echo(f"{demo.name}: registered ({demo.domain})")
+            _register_demo_adapters(ctx, conn, folder)
     except ThemisError as exc:
         _fail(exc)
 
@@ -505,6 +507,8 @@ def demo(ctx: Context, question: str) -> None:
             report = ingest_paths(conn, [sample_corpus_dir()], _load_embedder(ctx, conn),
                                   progress=True)
             click.echo(f"      {json.dumps(vars(report))}")
+            click.echo("      registering the demo LoRA adapters")
+            _register_demo_adapters(ctx, conn, ctx.settings.home / "lora-demo")
         click.echo("[5/6] starting a worker in the background")
         pid = _start_background_worker(ctx)
         _wait_for_worker(dsn, pid, ctx.settings.home / "log" / "worker.log")
@@ -528,6 +532,13 @@ def demo(ctx: Context, question: str) -> None:
         f"  FROM themis_search('{literal}', 3) s",
         "  JOIN themis.documents d ON d.id = s.id",
         "  LEFT JOIN themis.sources src ON src.id = d.source_id;",
+        "\\echo",
+        "\\echo 'LoRA adapters chosen by the query (auto_adapters => true; demo adapters are "
+        "random low-rank deltas):'",
+        "SELECT q AS question, themis_rag_json(q, 2, max_tokens => 24, auto_adapters => true)"
+        " -> 'adapters' AS adapters",
+        "  FROM unnest(ARRAY['Which dose of ibuprofen is safe for an adult?',",
+        f"                     '{literal}']) AS q;",
     ])
     done = subprocess.run([psql, dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-P", "pager=off",
                            "-f", "-"], input=script, text=True, check=False)
