@@ -54,6 +54,7 @@ pass_ctx = click.make_pass_decorator(Context)
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # it logs every file it writes
 
 
 @click.group()
