@@ -419,13 +419,7 @@ class BatchEngine:
             chunk = range(start, min(n, start + self.n_batch))
             for j, pos in enumerate(chunk):
                 self._put(self._batch, j, tokens[pos], pos, self._prefix_seq, False)
-            self._batch.n_tokens = len(chunk)
-            started = time.perf_counter()
-            rc = self._lc.llama_decode(self._ctx, self._batch)
-            self.stats.prompt_s += time.perf_counter() - started
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with status {rc} on a {n}-token "
-                                   "prefix")
+            self._decode(len(chunk), reading=True, what=f"a {n}-token prefix")
         self._prefix = tokens[:n]
         log.info("prefix cache: %d shared prompt tokens", n)
         with self._lock:
@@ -484,7 +478,6 @@ class BatchEngine:
     def _step(self) -> None:
         """One llama_decode over every sequence: a token each for the generating ones, prompt
         chunks for the reading ones, then one sampled token for each that got logits."""
-        lc = self._lc
         batch = self._batch
         with self._lock:
             seqs = sorted(self._active.values(), key=lambda s: s.admitted)
@@ -524,23 +517,25 @@ class BatchEngine:
                     sampled.append((s, n))
                 n += 1
             s.n_past += takes[s.seq_id]
-        reading = bool(takes)
-        in_batch = len(generating) + len(takes)
-        batch.n_tokens = n
+        self._decode(n, reading=bool(takes), what=f"{len(seqs)} sequences")
+        self.stats.steps += 1
+        self.stats.sequences_stepped += len(generating) + len(takes)
+        for s, i in sampled:
+            self._sample(s, i)
+
+    def _decode(self, n: int, *, reading: bool, what: str) -> None:
+        """One llama_decode of the first ``n`` tokens of the batch, timed as prompt reading
+        or generation."""
+        self._batch.n_tokens = n
         started = time.perf_counter()
-        rc = lc.llama_decode(self._ctx, batch)
+        rc = self._lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} ({n} tokens, "
-                               f"{len(seqs)} sequences)")
+            raise RuntimeError(f"llama_decode failed with status {rc} ({n} tokens, {what})")
         took = time.perf_counter() - started
         if reading:
             self.stats.prompt_s += took
         else:
             self.stats.generate_s += took
-        self.stats.steps += 1
-        self.stats.sequences_stepped += in_batch
-        for s, i in sampled:
-            self._sample(s, i)
 
     @staticmethod
     def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
