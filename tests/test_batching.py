@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from themis_pg.errors import ContextOverflow
-from themis_pg.generation.batching import BatchEngine, _valid_utf8
+from themis_pg.generation.batching import BatchEngine, _valid_utf8, common_head
 from themis_pg.generation.engine import GenerationOutcome, GenerationRequest
 from themis_pg.generation.llama import LlamaGenerator
 from themis_pg.pl.payloads import GeneratePayload
@@ -168,6 +168,10 @@ def test_a_full_pool_queues_in_order_and_fails_nothing(generator):
     assert all(o.result is not None for o in out.values()), "a request failed for lack of cells"
     assert stats["failed"] == 0 and stats["mean_wait_ms"] > 0
     assert isinstance(big.error, ContextOverflow) and "KV cells" in big.error.message
+    # the cached prefix is the head these prompts share, not a waiting prompt's own whole text
+    tokens = [generator.prepare(GeneratePayload("raw", 60, prompt=p).to_json()).tokens
+              for p in PROMPTS[:4]]
+    assert stats["prefix"]["tokens"] == min(common_head(tokens[0], t) for t in tokens[1:])
 
 
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])

@@ -364,7 +364,6 @@ class BatchEngine:
                            GenerationOutcome(w.request, crash=exc))
                 continue
             reuse = self._reusable(prompt.tokens) or self._learn_prefix(prompt.tokens)
-            self._last_prompt = prompt.tokens
             need = len(prompt.tokens) - reuse + prompt.max_tokens
             limit = self.kv_cells - len(self._prefix) if self.unified else \
                 self.cells_per_sequence
@@ -385,6 +384,9 @@ class BatchEngine:
             with self._lock:
                 self._waiting.popleft()
                 seq_id = heapq.heappop(self._free_ids)
+            # only an admitted prompt: one that waits and is looked at again must not find
+            # itself here and cache its own whole prompt as the prefix
+            self._last_prompt = prompt.tokens
             seq = _Sequence(
                 request=w.request, on_done=w.on_done, on_token=w.on_token, seq_id=seq_id,
                 tokens=prompt.tokens, stop=prompt.stop, max_tokens=prompt.max_tokens,
