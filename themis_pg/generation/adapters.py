@@ -56,7 +56,7 @@ class AdapterEngines:
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()  # one router at a time (engines are made inside)
         self._engines: dict[SetKey, BatchEngine] = {}
-        self._names: dict[SetKey, list[str]] = {}
+        self._names: dict[SetKey, list[tuple[str, float]]] = {}  # (name, scale), by name
         self._loaded: dict[str, Any] = {}          # sha256 -> llama_adapter_lora_p
         self._where: dict[int, SetKey] = {}        # request id -> its set
         self._in_flight: dict[SetKey, int] = {}
@@ -115,14 +115,17 @@ class AdapterEngines:
             names = dict(self._names)
             pending = [self._where.get(r.id) for r, _, _ in self._pending]
         out = engines[()].snapshot()
-        out["adapter_sets"] = [
-            {"adapters": sorted(names.get(key, [])), "scales": [
-                scale for _, scale in sorted(zip(names.get(key, []), (sc for _, sc in key),
-                                                 strict=True))],
-             "running": e.snapshot()["running"], "queued": e.snapshot()["queued"]
-             + sum(1 for p in pending if p == key), "requests": e.stats.requests,
-             "tokens_out": e.stats.tokens_out}
-            for key, e in engines.items() if key]
+        sets = []
+        for key, e in engines.items():
+            if not key:
+                continue
+            figures = e.snapshot()
+            sets.append({"adapters": [n for n, _ in names.get(key, [])],
+                         "scales": [s for _, s in names.get(key, [])],
+                         "running": figures["running"],
+                         "queued": figures["queued"] + sum(1 for p in pending if p == key),
+                         "requests": figures["requests"], "tokens_out": figures["tokens_out"]})
+        out["adapter_sets"] = sets
         out["adapter_sets_waiting"] = sum(1 for p in pending if p not in engines)
         return out
 
@@ -196,7 +199,7 @@ class AdapterEngines:
         engine = self._new_engine(key)
         with self._lock:
             self._engines[key] = engine
-            self._names[key] = [by_sha[sha].name for sha, _ in key]
+            self._names[key] = sorted((by_sha[sha].name, scale) for sha, scale in key)
         log.info("generation engine for adapters %s", self._names[key])
         return engine
 
