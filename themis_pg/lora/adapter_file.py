@@ -24,7 +24,8 @@ import numpy as np
 
 from themis_pg.errors import InvalidAdapter
 
-__all__ = ["AdapterInfo", "base_model_shapes", "validate_adapter", "write_adapter"]
+__all__ = ["AdapterInfo", "base_model_number", "base_model_shapes", "validate_adapter",
+           "write_adapter"]
 
 _MAGIC = b"GGUF"
 
@@ -63,17 +64,33 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
 
 def base_model_shapes(model: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
     """The base model's architecture and its tensors' shapes (ggml order: n_in first)."""
+    arch, shapes, _ = _base_model_header(model)
+    return arch, shapes
+
+
+def base_model_number(model: Path, key: str) -> int | None:
+    """A number of the base model's GGUF header (e.g. ``llama.block_count``), or None."""
+    value = _base_model_header(model)[2].get(key)
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _base_model_header(model: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, Any]]:
     st = model.stat()
-    return _base_model_shapes(model, st.st_size, st.st_mtime_ns)
+    return _read_base_model(model, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _base_model_shapes(model: Path, size: int, mtime_ns: int
-                       ) -> tuple[str, dict[str, tuple[int, ...]]]:
-    # gguf-py parses the whole header, vocabulary included (seconds for a 49k-token one)
+def _read_base_model(model: Path, size: int, mtime_ns: int
+                     ) -> tuple[str, dict[str, tuple[int, ...]], dict[str, Any]]:
+    # gguf-py parses the whole header, vocabulary included (seconds for a 49k-token one):
+    # read once per file version
     reader = _reader(model, "base model")
     arch = _field(reader, "general.architecture")
-    return str(arch), {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    numbers = {k: f.contents() for k, f in reader.fields.items()
+               if len(f.types) == 1 and f.types[0] != gguf.GGUFValueType.STRING
+               and f.types[0] != gguf.GGUFValueType.ARRAY}
+    return (str(arch), {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
+            numbers)
 
 
 def validate_adapter(path: Path, base_model: Path) -> AdapterInfo:

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from themis_pg.errors import InvalidAdapter
-from themis_pg.lora.adapter_file import write_adapter
+from themis_pg.lora.adapter_file import base_model_number, base_model_shapes, write_adapter
 
 __all__ = ["convert_peft"]
 
@@ -35,11 +35,14 @@ def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _base_fields(base_model: Path) -> tuple[str, int, dict[str, int]]:
-    reader = gguf.GGUFReader(str(base_model))
-    arch = str(reader.fields["general.architecture"].contents())
-    blocks = int(reader.fields[f"{arch}.block_count"].contents())
-    heads = {k: int(reader.fields[v.replace("llama", arch)].contents())
-             for k, v in _PERMUTED.items() if v.replace("llama", arch) in reader.fields}
+    """The base model's architecture, its block count, and the head counts its query and key
+    rows are permuted by."""
+    arch, _ = base_model_shapes(base_model)
+    blocks = base_model_number(base_model, f"{arch}.block_count")
+    if blocks is None:
+        raise InvalidAdapter(f"the base model {base_model.name} has no {arch}.block_count")
+    heads = {k: n for k, key in _PERMUTED.items()
+             if (n := base_model_number(base_model, key.replace("llama", arch))) is not None}
     return arch, blocks, heads
 
 
