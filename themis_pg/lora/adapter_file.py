@@ -8,14 +8,18 @@ adds ``scale * alpha / rank * B @ A`` to ``W``'s product.
 
 An adapter is checked against the base model's own GGUF header before anything is stored: a
 file llama.cpp would refuse (or, worse, load into the wrong model) is rejected with a clear
-error.  gguf-py (the ``gguf`` package, kept by the llama.cpp project) reads and writes the
-files; nothing here loads weights.
+error.  The rules and the header reader are the server-side package's
+(``themis_pg/pl/lora_check.py``, standard library only), so ``themis lora add`` and the SQL
+function ``themis_lora_register`` accept exactly the same files; gguf-py (the ``gguf``
+package, kept by the llama.cpp project) writes them.  Nothing here loads weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass
+import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +27,11 @@ import gguf
 import numpy as np
 
 from themis_pg.errors import InvalidAdapter
+from themis_pg.pl.gguf_header import GGUFError, read_header
+from themis_pg.pl.lora_check import AdapterFacts, AdapterProblem, check_adapter_bytes
 
-__all__ = ["AdapterInfo", "base_model_number", "base_model_shapes", "validate_adapter",
-           "write_adapter"]
-
-_MAGIC = b"GGUF"
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What registration records about a valid adapter file."""
-
-    architecture: str
-    rank: int
-    alpha: float
-    adapted: tuple[str, ...]  # the base weights it changes
-
-
-def _reader(path: Path, what: str) -> gguf.GGUFReader:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise InvalidAdapter(f"cannot read the {what} {path}: {exc.strerror}") from exc
-    if magic != _MAGIC:
-        raise InvalidAdapter(f"the {what} {path} is not a GGUF file",
-                             hint="LoRA adapters are GGUF files (convert a PEFT adapter with "
-                                  "`themis lora import DIR`).")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError, ...
-        raise InvalidAdapter(f"the {what} {path} is not a readable GGUF file "
-                             f"(truncated or corrupt: {exc})") from exc
-
-
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+__all__ = ["AdapterFacts", "base_model_header", "base_model_number", "base_model_shapes",
+           "validate_adapter", "write_adapter"]
 
 
 def base_model_shapes(model: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
@@ -74,77 +46,63 @@ def base_model_number(model: Path, key: str) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
+def base_model_header(model: Path) -> dict[str, Any]:
+    """What adapter validation needs to know of a generation model, as stored in
+    ``themis.models.gguf_header``: its architecture and the shapes of its matrices."""
+    arch, shapes = base_model_shapes(model)
+    return {"architecture": arch,
+            "tensors": {name: list(s) for name, s in sorted(shapes.items()) if len(s) == 2}}
+
+
 def _base_model_header(model: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, Any]]:
     st = model.stat()
     return _read_base_model(model, st.st_size, st.st_mtime_ns)
 
 
+@contextlib.contextmanager
+def _mapped(path: Path, what: str) -> Iterator[mmap.mmap | bytes]:
+    """The file's bytes, memory-mapped (headers are read without reading the tensors)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file cannot be mapped
+                yield b""
+                return
+            with data:
+                yield data
+    except OSError as exc:
+        raise InvalidAdapter(f"cannot read the {what} {path}: {exc.strerror}") from exc
+
+
 @functools.lru_cache(maxsize=8)
 def _read_base_model(model: Path, size: int, mtime_ns: int
                      ) -> tuple[str, dict[str, tuple[int, ...]], dict[str, Any]]:
-    # gguf-py parses the whole header, vocabulary included (seconds for a 49k-token one):
-    # read once per file version
-    reader = _reader(model, "base model")
-    arch = _field(reader, "general.architecture")
-    numbers = {k: f.contents() for k, f in reader.fields.items()
-               if len(f.types) == 1 and f.types[0] != gguf.GGUFValueType.STRING
-               and f.types[0] != gguf.GGUFValueType.ARRAY}
-    return (str(arch), {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
-            numbers)
+    # read once per file version: the vocabulary makes it tens of milliseconds
+    with _mapped(model, "base model") as data:
+        try:
+            header = read_header(data)
+        except GGUFError as exc:
+            raise InvalidAdapter(f"the base model {model} is not a readable GGUF file: "
+                                 f"{exc}") from exc
+    numbers = {k: v for k, v in header.fields.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return (str(header.fields.get("general.architecture")),
+            {name: t.shape for name, t in header.tensors.items()}, numbers)
 
 
-def validate_adapter(path: Path, base_model: Path) -> AdapterInfo:
+def validate_adapter(path: Path, base_model: Path) -> AdapterFacts:
     """Check ``path`` is a GGUF LoRA adapter that fits ``base_model``; raise InvalidAdapter
     naming the first thing that does not."""
-    reader = _reader(path, "adapter")
-    if _field(reader, "general.type") != "adapter":
-        raise InvalidAdapter(f"{path} is a GGUF file but not an adapter (general.type is "
-                             f"{_field(reader, 'general.type')!r}, not 'adapter')")
-    if _field(reader, "adapter.type") != "lora":
-        raise InvalidAdapter(f"{path} is not a LoRA adapter (adapter.type is "
-                             f"{_field(reader, 'adapter.type')!r}, not 'lora')")
-    alpha = _field(reader, "adapter.lora.alpha")
-    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
-        raise InvalidAdapter(f"{path} has no numeric adapter.lora.alpha")
-    arch, base = base_model_shapes(base_model)
-    if _field(reader, "general.architecture") != arch:
-        raise InvalidAdapter(f"{path} is an adapter for the architecture "
-                             f"{_field(reader, 'general.architecture')!r}; the base model "
-                             f"{base_model.name} is {arch!r}")
-    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
-    ranks: set[int] = set()
-    adapted = []
-    for name, a_shape in sorted(shapes.items()):
-        if not name.endswith(".lora_a"):
-            if not name.endswith(".lora_b"):
-                raise InvalidAdapter(f"{path} has a tensor {name!r} that is neither a lora_a "
-                                     "nor a lora_b")
-            continue
-        weight = name[: -len(".lora_a")]
-        b_shape = shapes.get(weight + ".lora_b")
-        w_shape = base.get(weight)
-        if b_shape is None:
-            raise InvalidAdapter(f"{path} has {name} without {weight}.lora_b")
-        if w_shape is None or len(w_shape) != 2:
-            raise InvalidAdapter(f"{path} adapts {weight!r}, which the base model "
-                                 f"{base_model.name} has no matrix of")
-        n_in, n_out = w_shape
-        # ggml order: lora_a is [n_in, rank], lora_b is [rank, n_out]
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != n_in or \
-                b_shape[1] != n_out or a_shape[1] != b_shape[0]:
-            raise InvalidAdapter(
-                f"{path}: the shapes of {weight}.lora_a {list(a_shape)} and .lora_b "
-                f"{list(b_shape)} do not fit the base weight {list(w_shape)} (want "
-                f"[{n_in}, r] and [r, {n_out}])")
-        ranks.add(a_shape[1])
-        adapted.append(weight)
-    for name in shapes:
-        if name.endswith(".lora_b") and name[: -len(".lora_b")] + ".lora_a" not in shapes:
-            raise InvalidAdapter(f"{path} has {name} without its lora_a")
-    if not adapted:
-        raise InvalidAdapter(f"{path} adapts no tensor")
-    return AdapterInfo(architecture=arch, rank=max(ranks), alpha=float(alpha),
-                       adapted=tuple(adapted))
+    base = base_model_shapes(base_model)
+    with _mapped(path, "adapter") as data:
+        try:
+            return check_adapter_bytes(data, base, label=str(path),
+                                       base_label=f"the base model {base_model.name}")
+        except AdapterProblem as exc:
+            hint = ("LoRA adapters are GGUF files (convert a PEFT adapter with "
+                    "`themis lora import DIR`)." if "is not a GGUF file" in str(exc) else None)
+            raise InvalidAdapter(str(exc), hint=hint) from exc
 
 
 def write_adapter(path: Path, architecture: str,
