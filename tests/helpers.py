@@ -106,3 +106,39 @@ def same_or_near_tie(alone: tuple[list[int], list[float]],
     gap = min(alone[1][j], together[1][j])
     assert gap < NEAR_TIE, (f"outputs diverge at token {j} although its top two logits were "
                             f"{gap:.3f} apart: sequences mixed")
+
+
+BAD_ADAPTER_CASES = ("not GGUF", "truncated", "not an adapter", "other base model",
+                     "wrong shapes", "unknown tensor")
+
+
+def bad_adapter_files(tmp: Path, good: Path, base: Path, embedding_model: Path
+                      ) -> dict[str, Path]:
+    """One file per way an adapter can be wrong (BAD_ADAPTER_CASES), made from a good one."""
+    import numpy as np
+
+    from themis_pg.lora.adapter_file import base_model_shapes, write_adapter
+
+    out = {}
+    out["not GGUF"] = tmp / "notes.gguf"
+    out["not GGUF"].write_text("just some text, not a model\n")
+    out["truncated"] = tmp / "cut.gguf"
+    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    out["not an adapter"] = base  # the base model itself: general.type is 'model'
+    # an adapter for another model (the embedding model: architecture bert)
+    arch, shapes = base_model_shapes(embedding_model)
+    name, (n_in, n_out) = next((n, s) for n, s in sorted(shapes.items())
+                               if len(s) == 2 and n.endswith("attn_q.weight"))
+    out["other base model"] = tmp / "bert.gguf"
+    write_adapter(out["other base model"], arch,
+                  {name: (np.zeros((4, n_in)), np.zeros((n_out, 4)))}, alpha=4)
+    # the right architecture, shapes that do not fit
+    _, base_shapes = base_model_shapes(base)
+    n_in, n_out = base_shapes["blk.0.attn_q.weight"]
+    out["wrong shapes"] = tmp / "shapes.gguf"
+    write_adapter(out["wrong shapes"], "llama", {"blk.0.attn_q.weight": (
+        np.zeros((4, n_in + 1)), np.zeros((n_out, 4)))}, alpha=4)
+    out["unknown tensor"] = tmp / "unknown.gguf"
+    write_adapter(out["unknown tensor"], "llama", {"blk.99.attn_q.weight": (
+        np.zeros((4, n_in)), np.zeros((n_out, 4)))}, alpha=4)
+    return out

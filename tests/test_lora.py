@@ -29,7 +29,7 @@ from themis_pg.lora.registry import (
 )
 from themis_pg.pl.payloads import AdapterUse, GeneratePayload
 
-from .helpers import same_or_near_tie
+from .helpers import BAD_ADAPTER_CASES, bad_adapter_files, same_or_near_tie
 
 PROMPT = "Write one sentence about the sea."
 
@@ -81,38 +81,11 @@ def test_register_list_show_remove(migrated_db, adapters, model_cache):
     assert _rows(migrated_db) == (0, 0)
 
 
-def _bad_files(tmp: Path, good: Path, base: Path, embedding_model: Path) -> dict[str, Path]:
-    out = {}
-    out["not GGUF"] = tmp / "notes.gguf"
-    out["not GGUF"].write_text("just some text, not a model\n")
-    out["truncated"] = tmp / "cut.gguf"
-    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 3])
-    out["not an adapter"] = base  # the base model itself: general.type is 'model'
-    # an adapter for another model (the embedding model: architecture bert)
-    arch, shapes = base_model_shapes(embedding_model)
-    name, (n_in, n_out) = next((n, s) for n, s in sorted(shapes.items())
-                               if len(s) == 2 and n.endswith("attn_q.weight"))
-    out["other base model"] = tmp / "bert.gguf"
-    write_adapter(out["other base model"], arch,
-                  {name: (np.zeros((4, n_in)), np.zeros((n_out, 4)))}, alpha=4)
-    # the right architecture, shapes that do not fit
-    _, base_shapes = base_model_shapes(base)
-    n_in, n_out = base_shapes["blk.0.attn_q.weight"]
-    out["wrong shapes"] = tmp / "shapes.gguf"
-    write_adapter(out["wrong shapes"], "llama", {"blk.0.attn_q.weight": (
-        np.zeros((4, n_in + 1)), np.zeros((n_out, 4)))}, alpha=4)
-    out["unknown tensor"] = tmp / "unknown.gguf"
-    write_adapter(out["unknown tensor"], "llama", {"blk.99.attn_q.weight": (
-        np.zeros((4, n_in)), np.zeros((n_out, 4)))}, alpha=4)
-    return out
-
-
-@pytest.mark.parametrize("case", ["not GGUF", "truncated", "not an adapter", "other base model",
-                                  "wrong shapes", "unknown tensor"])
+@pytest.mark.parametrize("case", BAD_ADAPTER_CASES)
 def test_registration_rejects_bad_files_and_stores_nothing(
         case, migrated_db, adapters, base_path, default_models, model_cache, tmp_path):
     emb = next(m.path for m in default_models if m.kind == "embedding")
-    bad = _bad_files(tmp_path, adapters["a"], base_path, emb)[case]
+    bad = bad_adapter_files(tmp_path, adapters["a"], base_path, emb)[case]
     with psycopg.connect(migrated_db, autocommit=True) as conn, \
             pytest.raises(InvalidAdapter) as err:
         register_adapter(conn, bad, "bad", cache_dir=model_cache)

@@ -80,6 +80,8 @@ __all__ = [
     "metadata",
     "themis_embed",
     "themis_generate",
+    "themis_lora_register",
+    "themis_lora_remove",
     "themis_rag",
     "themis_rag_json",
     "themis_rag_stream",
@@ -126,6 +128,15 @@ class Xid8(UserDefinedType[int]):
             return None if value is None else int(value)
 
         return process
+
+
+class Void(UserDefinedType[None]):
+    """The ``void`` result of a function called for its effect."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "void"
 
 
 class PgChar(UserDefinedType[str]):
@@ -176,6 +187,8 @@ class Model(ThemisBase):
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=_EMPTY_JSON)
     is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    gguf_header: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """Generation models: architecture and matrix shapes, for checking LoRA adapters."""
 
 
 class Corpus(ThemisBase):
@@ -529,6 +542,29 @@ class themis_embed(_ThemisFunction[FloatArray]):
     signature = (Param("input", Text()), _TIMEOUT)
 
 
+class themis_lora_register(_ThemisFunction[Any]):
+    """``themis_lora_register(name, adapter, domain=NULL, description='', examples=NULL,
+    default_scale=1.0, base_model=NULL, timeout_s=NULL) -> jsonb``: check a GGUF LoRA file
+    (bytes) against the base model and store it; the registered row.  For themis_admin."""
+
+    name = "themis_lora_register"
+    type = JSONB()
+    inherit_cache = True
+    signature = (Param("name", Text()), Param("adapter", LargeBinary()),
+                 Param("domain", Text(), None), Param("description", Text(), ""),
+                 Param("examples", ARRAY(Text()), None), Param("default_scale", REAL(), 1.0),
+                 Param("base_model", Text(), None), _TIMEOUT)
+
+
+class themis_lora_remove(_ThemisFunction[None]):
+    """``themis_lora_remove(name) -> void``: remove a registered adapter.  For themis_admin."""
+
+    name = "themis_lora_remove"
+    type = Void()
+    inherit_cache = True
+    signature = (Param("name", Text()),)
+
+
 class themis_status(_ThemisFunction[Any]):
     """``themis_status() -> jsonb``: live workers, queue depth and models."""
 
@@ -583,6 +619,8 @@ FUNCTIONS: Final[tuple[type[_ThemisFunction[Any]], ...]] = (
     _themis_search_fn,
     themis_embed,
     themis_generate,
+    themis_lora_register,
+    themis_lora_remove,
     themis_stats,
     themis_status,
 )

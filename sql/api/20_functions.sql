@@ -169,3 +169,54 @@ EXCEPTION WHEN query_canceled OR others THEN
 END
 $$;
 
+
+-- The LoRA registry through SQL (themis_pl/lora_registry.py): the file is checked in this
+-- backend against the base model's recorded shapes, the row and its bytes are written as the
+-- caller, inside the caller's transaction.  For themis_admin (and the owner).
+CREATE OR REPLACE FUNCTION themis.lora_register_py(
+    name text, adapter bytea, domain text, description text, examples text[],
+    default_scale real, base_model text, timeout_s double precision
+) RETURNS text
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_admin' AS $$
+from themis_pl import api
+return api.lora_register(plpy, GD, name, adapter, domain=domain, description=description,
+                         examples=examples, default_scale=default_scale,
+                         base_model=base_model, timeout_s=timeout_s)
+$$;
+
+CREATE OR REPLACE FUNCTION themis.lora_remove_py(name text) RETURNS void
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_admin' AS $$
+from themis_pl import api
+api.lora_remove(plpy, name)
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_lora_register(
+    name text, adapter bytea, domain text DEFAULT NULL, description text DEFAULT '',
+    examples text[] DEFAULT NULL, default_scale real DEFAULT 1.0, base_model text DEFAULT NULL,
+    timeout_s double precision DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_admin' AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    RETURN themis.lora_register_py(name, adapter, domain, description, examples,
+                                   default_scale, base_model, timeout_s)::jsonb;
+EXCEPTION WHEN query_canceled OR others THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    PERFORM themis.reraise(msg, state, hint);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.themis_lora_remove(name text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    SET themis.execute = 'themis_admin' AS $$
+DECLARE msg text; state text; hint text;
+BEGIN
+    PERFORM themis.lora_remove_py(name);
+EXCEPTION WHEN query_canceled OR others THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, state = RETURNED_SQLSTATE, hint = PG_EXCEPTION_HINT;
+    PERFORM themis.reraise(msg, state, hint);
+END
+$$;

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from themis_pg.errors import InvalidInput, ModelNotFound
+from themis_pg.lora.adapter_file import base_model_header
 from themis_pg.models.fetch import ModelKind, ensure_default_models, sha256_file, verify_model_file
 
 __all__ = [
@@ -36,6 +37,7 @@ _GGUF_MAGIC = b"GGUF"
 _KINDS: tuple[str, ...] = get_args(ModelKind)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 _COLUMNS = "name, kind, path, sha256, params, is_default, created_at"
+# gguf_header is written, never read back here: themis_lora_register reads it in the server
 
 _CLEAR_DEFAULT = """
 UPDATE themis.models SET is_default = false
@@ -43,11 +45,11 @@ UPDATE themis.models SET is_default = false
 """
 # Re-registering the current default without default=True keeps it the default.
 _UPSERT = f"""
-INSERT INTO themis.models AS m (name, kind, path, sha256, params, is_default)
-VALUES (%(name)s, %(kind)s, %(path)s, %(sha256)s, %(params)s, %(is_default)s)
+INSERT INTO themis.models AS m (name, kind, path, sha256, params, is_default, gguf_header)
+VALUES (%(name)s, %(kind)s, %(path)s, %(sha256)s, %(params)s, %(is_default)s, %(gguf_header)s)
 ON CONFLICT (name) DO UPDATE
    SET kind = EXCLUDED.kind, path = EXCLUDED.path, sha256 = EXCLUDED.sha256,
-       params = EXCLUDED.params,
+       params = EXCLUDED.params, gguf_header = EXCLUDED.gguf_header,
        is_default = EXCLUDED.is_default OR (m.is_default AND m.kind = EXCLUDED.kind)
 RETURNING {_COLUMNS}
 """
@@ -136,6 +138,8 @@ def register_model(
         "sha256": digest,
         "params": Jsonb(params or {}),
         "is_default": default,
+        # what checking a LoRA adapter for it needs (themis_lora_register, in the server)
+        "gguf_header": Jsonb(base_model_header(file)) if kind == "generation" else None,
     }
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         if default:

@@ -6,4 +6,4 @@ library and psycopg and uses relative imports.  ``API_VERSION`` must match what 
 SQL functions expect; the migration checks it.
 """
 
-API_VERSION = 2
+API_VERSION = 3

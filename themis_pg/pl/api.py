@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import adapters as lora
+from . import lora_registry
 from .bus import BusClient, Caller, JobOutcome, Submitted
 from .errors import PLError
 from .payloads import CURSOR_SLACK, EmbedPayload, SearchCursor, SearchPayload
@@ -426,6 +427,35 @@ def embed(plpy: Any, GD: dict[str, Any], text: Any, *, timeout_s: Any = None) ->
     session = Session(plpy, GD, timeout_s)
     result = session.run("embed", EmbedPayload(text).to_json())
     return "[" + ",".join(repr(float(x)) for x in result["embedding"]) + "]"
+
+
+@_raises_sql_errors
+def lora_register(plpy: Any, GD: dict[str, Any], name: Any, adapter: Any, *, domain: Any,
+                  description: Any, examples: Any, default_scale: Any,
+                  base_model: Any, timeout_s: Any = None) -> str:
+    """themis_lora_register: the registered row as jsonb text."""
+    name = validate_text(name, "name")
+    if adapter is None:
+        raise PLError("adapter must not be NULL", sqlstate="22004")
+    scale = 1.0 if default_scale is None else float(default_scale)
+    session: list[Session] = []  # one session (one deadline) for all the texts' embeddings
+
+    def embed_text(text: str) -> list[float]:
+        if not session:
+            session.append(Session(plpy, GD, timeout_s))
+        result = session[0].run("embed", EmbedPayload(text).to_json())
+        return [float(x) for x in result["embedding"]]
+
+    row = lora_registry.register(plpy, embed_text, name=name, data=bytes(adapter),
+                                 domain=domain, description=description or "",
+                                 examples=examples, default_scale=scale,
+                                 base_model=base_model)
+    return json.dumps(row)
+
+
+@_raises_sql_errors
+def lora_remove(plpy: Any, name: Any) -> None:
+    lora_registry.remove(plpy, validate_text(name, "name"))
 
 
 @_raises_sql_errors
