@@ -42,17 +42,18 @@ DEMO_ADAPTERS = (
 )
 
 
-def write_demo_adapter(base_model: Path, out: Path, seed: int, *, strength: float = 0.4
-                       ) -> Path:
-    """A rank-8 adapter on every layer's query and value projections of ``base_model``."""
+def write_demo_adapter(base_model: Path, out: Path, seed: int, *, strength: float = 0.4,
+                       rank: int = RANK) -> Path:
+    """A rank-``rank`` adapter on every layer's query and value projections of
+    ``base_model``."""
     arch, shapes = base_model_shapes(base_model)
     rng = np.random.default_rng(seed)
     deltas = {}
     for name, shape in sorted(shapes.items()):
         if len(shape) == 2 and any(f".{t}.weight" in name for t in TARGETS):
             n_in, n_out = shape
-            a = rng.normal(0, 1 / np.sqrt(n_in), (RANK, n_in))
-            b = rng.normal(0, strength, (n_out, RANK))
+            a = rng.normal(0, 1 / np.sqrt(n_in), (rank, n_in))
+            b = rng.normal(0, strength, (n_out, rank))
             deltas[name] = (a, b)
-    write_adapter(out, arch, deltas, alpha=float(RANK), name=out.stem)
+    write_adapter(out, arch, deltas, alpha=float(rank), name=out.stem)
     return out

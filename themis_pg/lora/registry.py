@@ -148,7 +148,8 @@ class AdapterCache:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".fetch-")
         h = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, conn.cursor() as cur:
+            # binary: the bytes as they are (text would send bytea as hex, twice the size)
+            with os.fdopen(fd, "wb") as out, conn.cursor(binary=True) as cur:
                 cur.execute(
                     "SELECT c.data FROM themis.lora_adapters a "
                     "JOIN themis.lora_adapter_chunks c ON c.adapter_id = a.id "
