@@ -115,7 +115,7 @@ def measure(args: argparse.Namespace, dsn: str, model: Path, model_name: str,
     with connect(dsn) as conn:
         for i in range(n):
             path = write_demo_adapter(model, tmp / f"a{i}.gguf", 100 + i, rank=rank)
-            rec = register_adapter(conn, path, f"cold-{i}", cache_dir=model_cache,
+            rec = register_adapter(conn, path, f"cold-{model.stem}-{i}", cache_dir=model_cache,
                                    base_model=model_name)
             uses.append(AdapterUse(rec.name, rec.sha256, 1.0))
             path.unlink()
