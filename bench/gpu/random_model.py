@@ -7,6 +7,9 @@ does not depend on weight values; see ../shared/GPU.md).
     python bench/gpu/random_model.py mistral7b .carry8/tok.gguf /tmp/m7b-f16.gguf
     # or SmolLM2-135M's shape (the real file does not fit in a carry beside the kits)
     python bench/gpu/random_model.py smollm135m .carry8/tok.gguf /tmp/s135-f16.gguf
+    # any model: here its header and tensor table without data; there random data in them
+    python bench/gpu/random_model.py skeleton all-minilm-l6-v2.f16.gguf .carry9/emb.skel
+    python bench/gpu/random_model.py fill .carry9/emb.skel /tmp/emb.gguf
 
 The model is a llama-architecture GGUF with Mistral 7B's hyperparameters (32 layers, 4096
 wide, 32 query and 8 KV heads, 14336 feed-forward, rope base 1e6) and the tokenizer (and chat
@@ -40,6 +43,61 @@ def tokenizer_only(src: Path, dst: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+SKELETON_KEY = "skeleton.tensors"
+
+
+def skeleton(src: Path, dst: Path) -> None:
+    """``src``'s fields and, as JSON in one more field, its tensor table (name, shape in
+    ggml order, type): everything but the data, which random data of the same shapes can
+    stand in for."""
+    import json
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=str(reader.fields["general.architecture"]
+                                                .contents()))
+    _copy_fields(reader, writer)
+    writer.add_string(SKELETON_KEY, json.dumps(
+        [[t.name, [int(x) for x in t.shape], int(t.tensor_type)] for t in reader.tensors]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def from_skeleton(skel: Path, dst: Path) -> None:
+    """A model of the skeleton's fields and tensor shapes with random float data (N(0, 0.02);
+    norms' weights 1)."""
+    import json
+
+    reader = gguf.GGUFReader(str(skel))
+    writer = gguf.GGUFWriter(str(dst), arch=str(reader.fields["general.architecture"]
+                                                .contents()))
+    _copy_fields(reader, writer, skip=(SKELETON_KEY,))
+    rng = np.random.default_rng(0)
+    types = {int(gguf.GGMLQuantizationType.F32): np.float32,
+             int(gguf.GGMLQuantizationType.F16): np.float16}
+    for name, shape, ttype in json.loads(reader.fields[SKELETON_KEY].contents()):
+        if ttype not in types:
+            raise SystemExit(f"{name}: tensor type {ttype} (only F32 and F16 skeletons)")
+        dims = tuple(reversed(shape))  # numpy order
+        data = np.ones(dims) if "norm" in name and name.endswith(".weight") else \
+            rng.normal(0, 0.02, dims)
+        writer.add_tensor(name, data.astype(types[ttype]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter,
+                 skip: tuple[str, ...] = ()) -> None:
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", *skip):
+            continue
+        writer.add_key_value(key, _value(field), field.types[0],
+                             sub_type=field.types[-1] if len(field.types) > 1 else None)
 
 
 def mistral7b(tokenizer: Path, dst: Path, n_embd: int = 4096, n_layer: int = 32,
@@ -100,5 +158,9 @@ if __name__ == "__main__":
         mistral7b(src, dst, n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536)
     elif what == "tokenizer":
         tokenizer_only(src, dst)
+    elif what == "skeleton":
+        skeleton(src, dst)
+    elif what == "fill":
+        from_skeleton(src, dst)
     else:
         mistral7b(src, dst)

@@ -1,0 +1,61 @@
+#!/bin/bash
+# The whole SQL path on the GPU machine, in one command (from the repository root):
+# PostgreSQL 15 (the kit) with the schema and the function set, a random-weight embedding
+# model of all-MiniLM-L6-v2's shape (bench/gpu/random_model.py fill), ROWS documents
+# (bench/sql_search.py --fill), a `themis worker --kinds search,embed` on the GPU, then
+# bench/sql_search.py --measure (themis_search at 1 and 16 clients, the 1% filter, a
+# 1,000-row change, pgvector HNSW from the same clients).  .carry10/ holds the llama core
+# kit, gpu-llama-unpack.sh, the pg15 kit, emb.skel and the wheels (psycopg, gguf, diskcache,
+# pydantic and pydantic-settings with their dependencies, pgvector).  The GPU machine has no
+# Alembic: the schema is the revisions' SQL files in order, then sql/api/ (what `themis
+# migrate` applies).  LOCAL=1 rehearses it here (PG_BIN, no kits).  Env: ROWS (1000000),
+# PGCONF (server settings), CALLS (200).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+LOG="$OUT/logs.txt"
+: > "$LOG"
+C=${CARRY:-.carry10}
+if [ -z "${LOCAL:-}" ]; then
+  pip install -q --no-index --no-deps --target /tmp/site $C/*.whl 2>> "$LOG"
+  eval "$(bash $C/gpu-llama-unpack.sh $C)"
+  export PYTHONPATH=$PWD:$PWD/bench:/tmp/site:$PYTHONPATH
+  tar -C / -xJf $C/pg15-kit.tar.xz
+  PG=/opt/pg15/bin
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; date -u; } \
+    > "$OUT/gpu.txt"
+  PGCONF=${PGCONF:--c shared_buffers=16GB -c max_connections=200 -c max_worker_processes=32 \
+-c max_parallel_workers=16 -c max_parallel_maintenance_workers=15}
+else
+  PG=${PG_BIN:-/usr/lib/postgresql/15/bin}
+  export PYTHONPATH=$PWD:$PWD/bench
+  PGCONF=${PGCONF:--c max_connections=100}
+fi
+id pguser > /dev/null 2>&1 || useradd -m pguser
+D=/tmp/sqlpath
+rm -rf "$D" && mkdir -p "$D/pylib" && cp -r themis_pg/pl "$D/pylib/themis_pl" && chmod -R a+rX "$D"
+chown pguser "$D"
+su pguser -c "$PG/initdb -D $D/data -U pguser > /dev/null && PYTHONPATH=$D/pylib \
+  $PG/pg_ctl -D $D/data -l $D/pg.log -w -o '-p 5433 -k $D $PGCONF' start > /dev/null"
+DSN="host=$D port=5433 user=pguser dbname=postgres"
+for f in sql/schema_000?.sql sql/api/*.sql; do
+  "$PG/psql" -q -v ON_ERROR_STOP=1 "$DSN" -f "$f" >> "$LOG" 2>&1 || echo "SQL $f failed"
+done
+python3 bench/gpu/random_model.py fill $C/emb.skel /tmp/emb.gguf >> "$LOG" 2>&1
+timeout 200 python3 bench/sql_search.py --dsn "$DSN" --fill "${ROWS:-1000000}" \
+  --embedding-model /tmp/emb.gguf >> "$LOG" 2>&1
+THEMIS_INDEX_SNAPSHOTS=false THEMIS_MODEL_CACHE=/tmp/models THEMIS_EMBEDDING_MODEL=bench-embedding \
+  timeout 500 \
+  python3 -m themis_pg.cli --dsn "$DSN" worker --kinds search,embed > "$OUT/worker.log" 2>&1 &
+W=$!
+for _ in $(seq 240); do grep -q " ready " "$OUT/worker.log" && break; kill -0 $W 2> /dev/null || break; sleep 0.5; done
+timeout 300 python3 bench/sql_search.py --dsn "$DSN" --measure --calls "${CALLS:-200}" \
+  --json "$OUT/sql.json" > "$OUT/sql.md" 2>> "$LOG"
+cat "$OUT/sql.md"
+kill $W; wait $W 2>/dev/null
+su pguser -c "$PG/pg_ctl -D $D/data -m fast stop" > /dev/null
+grep -B2 -A25 "Fatal Python error\|Traceback" "$LOG" "$OUT/worker.log" | head -60
+grep -i "loaded\|rows/s\|ready\|error" "$OUT/worker.log" | head -20
+tail -c 1500 "$D/pg.log" >> "$LOG"
+tail -3 "$LOG"
+true
