@@ -91,6 +91,20 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
     return row[0]
 
 
+def job_times(dsn: str, since: float) -> dict[str, float]:
+    """Median queue wait and worker service (ms) of the search jobs since ``since``: where
+    a call's time goes besides the bus and SPI."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
+            "started_at - created_at)) * 1000, percentile_cont(0.5) WITHIN GROUP (ORDER BY "
+            "extract(epoch FROM finished_at - started_at)) * 1000, count(*) FROM themis.jobs "
+            "WHERE kind = 'search' AND created_at >= to_timestamp(%s)", (since,)).fetchone()
+    assert row is not None
+    return {"job_wait_ms": float(row[0] or 0), "job_service_ms": float(row[1] or 0),
+            "jobs": int(row[2])}
+
+
 def query_texts(n: int) -> list[str]:
     rng = np.random.default_rng(1)
     return [f"how do I {' '.join(rng.choice(WORDS, 6))} ({i})" for i in range(n)]
@@ -142,7 +156,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     for c in (1, args.clients):
         calls = args.calls if c == 1 else max(args.calls // 4, 10)
+        since = time.time()
         out[f"themis_search x{c}"] = timed(search(None), args.dsn, c, calls)
+        out[f"themis_search x{c}"].update(job_times(args.dsn, since))
         log.info("themis_search x%d: %s", c, out[f"themis_search x{c}"])
     out["themis_search 1% filter x1"] = timed(search('{"b": 7}'), args.dsn, 1, args.calls)
     with psycopg.connect(args.dsn, autocommit=True) as conn:
@@ -165,6 +181,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                      f"((embedding::vector({dim})) vector_ip_ops) WITH (m = 16, "
                      f"ef_construction = 64)")
         out["hnsw_build_s"] = time.perf_counter() - t0
+        out["stats"] = one(conn, "SELECT themis_stats()")
         log.info("HNSW built in %.1f s", out["hnsw_build_s"])
     sql = HNSW.format(dim=dim)
 
@@ -183,16 +200,20 @@ def report(out: dict[str, Any]) -> None:
     print(f"themis_search(q, {out['k']}) through SQL (query embedding included) and pgvector "
           "HNSW (m=16, ef_construction=64, ef_search 40; query vectors given) on the same "
           "rows\n")
-    print("| path | clients | calls | p50 ms | p99 ms | queries/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| path | clients | calls | p50 ms | p99 ms | queries/s | job wait p50 ms | "
+          "job service p50 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in out.items():
         if isinstance(r, dict) and "p50_ms" in r:
+            jobs = (f"{r['job_wait_ms']:.2f} | {r['job_service_ms']:.2f}" if "jobs" in r
+                    else "– | –")
             print(f"| {name} | {r['clients']} | {r['calls']} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} | {r['queries_per_s']:.0f} |")
+                  f"{r['p99_ms']:.2f} | {r['queries_per_s']:.0f} | {jobs} |")
     ch = out["change"]
     print(f"\nA committed {ch['rows']}-row change: the next call took {ch['next_call_ms']:.0f} "
           f"ms and {'found' if ch['found'] else 'DID NOT find'} a new row. HNSW build "
-          f"{out['hnsw_build_s']:.1f} s.")
+          f"{out['hnsw_build_s']:.1f} s.\n\nthemis_stats() at the end:\n")
+    print(json.dumps(out["stats"], indent=1)[:3000])
 
 
 def main() -> None:
