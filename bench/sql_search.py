@@ -92,17 +92,38 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
 
 
 def job_times(dsn: str, since: float) -> dict[str, float]:
-    """Median queue wait and worker service (ms) of the search jobs since ``since``: where
-    a call's time goes besides the bus and SPI."""
+    """Medians (ms) of queue wait and worker service over the search jobs since ``since``:
+    where a call's time goes besides the bus and SPI."""
+    def med(expr: str) -> str:
+        return f"percentile_cont(0.5) WITHIN GROUP (ORDER BY {expr})"
+
+    exprs = ["extract(epoch FROM started_at - created_at) * 1000",
+             "extract(epoch FROM finished_at - started_at) * 1000"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
-            "started_at - created_at)) * 1000, percentile_cont(0.5) WITHIN GROUP (ORDER BY "
-            "extract(epoch FROM finished_at - started_at)) * 1000, count(*) FROM themis.jobs "
+            "SELECT " + ", ".join(med(e) for e in exprs) + ", count(*) FROM themis.jobs "
             "WHERE kind = 'search' AND created_at >= to_timestamp(%s)", (since,)).fetchone()
     assert row is not None
     return {"job_wait_ms": float(row[0] or 0), "job_service_ms": float(row[1] or 0),
             "jobs": int(row[2])}
+
+
+def search_figures(dsn: str) -> dict[str, float]:
+    """The worker's search counters (themis_stats(), published with each heartbeat)."""
+    time.sleep(2.5)  # one heartbeat after the last call
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (w,) = one(conn, "SELECT themis_stats()")["workers"]
+    s = w["stats"]["searches"]
+    return {"batches": s["batches"], "queries": s["queries"], "topk_ms": s["total_ms"],
+            "embed_ms": s["embed_total_ms"]}
+
+
+def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean batch size and mean embed / top-k ms per batch between two readings."""
+    n = max(after["batches"] - before["batches"], 1)
+    return {"mean_batch": (after["queries"] - before["queries"]) / n,
+            "embed_ms_per_batch": (after["embed_ms"] - before["embed_ms"]) / n,
+            "topk_ms_per_batch": (after["topk_ms"] - before["topk_ms"]) / n}
 
 
 def query_texts(n: int) -> list[str]:
@@ -154,13 +175,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 assert all(m == json.loads(flt) for _, m in rows), rows
         return run
 
-    for c in (1, args.clients):
+    levels: list[tuple[str, str | None, int]] = [
+        (f"themis_search x{c}", None, c) for c in (1, args.clients)]
+    levels.append(("themis_search 1% filter x1", '{"b": 7}', 1))
+    for name, flt, c in levels:
         calls = args.calls if c == 1 else max(args.calls // 4, 10)
-        since = time.time()
-        out[f"themis_search x{c}"] = timed(search(None), args.dsn, c, calls)
-        out[f"themis_search x{c}"].update(job_times(args.dsn, since))
-        log.info("themis_search x%d: %s", c, out[f"themis_search x{c}"])
-    out["themis_search 1% filter x1"] = timed(search('{"b": 7}'), args.dsn, 1, args.calls)
+        since, before = time.time(), search_figures(args.dsn)
+        out[name] = timed(search(flt), args.dsn, c, calls)
+        out[name].update(job_times(args.dsn, since))
+        out[name].update(per_batch(before, search_figures(args.dsn)))
+        log.info("%s: %s", name, out[name])
     with psycopg.connect(args.dsn, autocommit=True) as conn:
         dim = int(one(conn, "SELECT dim FROM themis.corpus"))
         new = [f"fresh row {i} about {WORDS[i % len(WORDS)]}" for i in range(1000)]
@@ -201,12 +225,13 @@ def report(out: dict[str, Any]) -> None:
           "HNSW (m=16, ef_construction=64, ef_search 40; query vectors given) on the same "
           "rows\n")
     print("| path | clients | calls | p50 ms | p99 ms | queries/s | job wait p50 ms | "
-          "job service p50 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "job service p50 ms | mean batch | embed ms / batch | top-k ms / batch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in out.items():
         if isinstance(r, dict) and "p50_ms" in r:
-            jobs = (f"{r['job_wait_ms']:.2f} | {r['job_service_ms']:.2f}" if "jobs" in r
-                    else "– | –")
+            jobs = (f"{r['job_wait_ms']:.2f} | {r['job_service_ms']:.2f} | "
+                    f"{r['mean_batch']:.1f} | {r['embed_ms_per_batch']:.2f} | "
+                    f"{r['topk_ms_per_batch']:.2f}" if "jobs" in r else "– | – | – | – | –")
             print(f"| {name} | {r['clients']} | {r['calls']} | {r['p50_ms']:.2f} | "
                   f"{r['p99_ms']:.2f} | {r['queries_per_s']:.0f} | {jobs} |")
     ch = out["change"]

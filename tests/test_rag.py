@@ -103,7 +103,9 @@ def test_themis_stats_reports_the_index_for_monitors_only(rag_db, user_role):
     index = worker["stats"]["index"]
     assert worker["stats"]["index_size"] == one(rag_db, "SELECT count(*) FROM themis.documents")
     assert index["device"] == "cpu" and index["dtype"] == "float32" and index["bytes"] > 0
-    assert worker["stats"]["searches"]["queries"] >= 1
+    searches = worker["stats"]["searches"]
+    assert searches["queries"] >= 1
+    assert searches["embed_total_ms"] > 0 and searches["total_ms"] > 0  # where the time went
     state, _ = sqlstate_of(user_role(rag_db), "SELECT themis_stats()")
     assert state == "42501"
     monitor = user_role(rag_db, member_of="pg_monitor")

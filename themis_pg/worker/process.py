@@ -75,6 +75,7 @@ class Worker:
         self.registry = JobRegistry()
         self._counts = {"done": 0, "failed": 0, "searches": 0, "search_batches": 0}
         self._search_ms = 0.0
+        self._embed_ms = 0.0
         self._counts_lock = threading.Lock()
         self.started = time.time()
 
@@ -153,16 +154,18 @@ class Worker:
         with self._counts_lock:
             self._counts[what] += n
 
-    def count_search(self, queries: int, ms: float) -> None:
+    def count_search(self, queries: int, ms: float, embed_ms: float = 0.0) -> None:
+        """One search batch: its queries, its top-k time and its query embedding time."""
         with self._counts_lock:
             self._counts["searches"] += queries
             self._counts["search_batches"] += 1
             self._search_ms += ms
+            self._embed_ms += embed_ms
 
     def stats(self) -> dict[str, Any]:
         with self._counts_lock:
             counts = dict(self._counts)
-            search_ms = self._search_ms
+            search_ms, embed_ms = self._search_ms, self._embed_ms
         batches = counts.pop("search_batches")
         searches = counts.pop("searches")
         store = self.index.store
@@ -173,7 +176,9 @@ class Worker:
                           "last_sync_ms": round(self.index.last_sync.ms, 3)},
                 "searches": {"queries": searches, "batches": batches,
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
-                             "mean_ms": round(search_ms / batches, 3) if batches else 0.0},
+                             "mean_ms": round(search_ms / batches, 3) if batches else 0.0,
+                             "total_ms": round(search_ms, 1),
+                             "embed_total_ms": round(embed_ms, 1)},
                 "memory": self.memory.as_json(),
                 "generation": self.engine.snapshot()
                 if isinstance(self.engine, AdapterEngines) else None,

@@ -159,7 +159,7 @@ class SearchLane(Lane):
         hits = index.search(vectors[usable], width, filters) if usable else []
         t2 = time.perf_counter()
         embed_ms = (t1 - t0) * 1000 / max(len(to_embed), 1)
-        worker.count_search(len(usable), (t2 - t1) * 1000)
+        worker.count_search(len(usable), (t2 - t1) * 1000, (t1 - t0) * 1000)
         done = []
         for i, found in zip(usable, hits, strict=True):
             job, payload = searches[i]
