@@ -245,7 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dsn", required=True)
-    ap.add_argument("--fill", type=int, default=0)
+    ap.add_argument("--fill", type=int, default=None)
     ap.add_argument("--embedding-model", type=Path, default=None)
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--k", type=int, default=10)
@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.fill:
+    if args.fill is not None:
         if args.embedding_model is None:
             ap.error("--fill needs --embedding-model")
         fill(args.dsn, args.fill, args.embedding_model)
