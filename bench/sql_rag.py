@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401  (libllama before NumPy: themis_pg.generation.load_llama_first)
 import numpy as np
 import psycopg
 
