@@ -159,3 +159,15 @@ def test_pruned_change_log_makes_a_lagging_index_reload(migrated_db):
         stats = index.sync(conn)
         assert stats.reloaded, "the index must notice the pruned log and reload"
         assert [h[0] for h in index.search(np.array([[1, 0, 0]], np.float32), 1)[0]] == [5]
+
+
+def test_a_cold_load_uses_one_connection_per_core_up_to_16(monkeypatch):
+    import os
+
+    from themis_pg.config import Settings
+    from themis_pg.worker.process import MAX_LOAD_CONNECTIONS, load_connections
+
+    assert load_connections(Settings(load_connections=3)) == 3
+    for cores, want in ((None, 1), (2, 2), (16, 16), (128, MAX_LOAD_CONNECTIONS)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert load_connections(Settings()) == want

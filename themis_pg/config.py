@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         description="Where the worker keeps the embedding matrix: 'auto' (the GPU when CuPy "
         "sees one, else host memory), 'cpu', or 'cuda' / 'cuda:N'.",
     )
+    load_connections: int = Field(
+        default=0, ge=0,
+        description="Connections a worker reads the embedding matrix over at a cold load; "
+        "0 = one per CPU core of the worker's host, at most 16 (bench/load.py: 16 read 1M x "
+        "384 fastest on a 16-core host, 32 were slower).",
+    )
     worker_id: str | None = Field(
         default=None,
         description="Identity of this worker in themis.workers; must be unique per start "

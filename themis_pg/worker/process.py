@@ -16,6 +16,7 @@ current step, unfinished jobs go back to the queue, the worker row is removed.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -59,6 +60,18 @@ def kv_cells(settings: Settings) -> int:
     if settings.kv_layout == "unified":
         return min(settings.n_ctx * settings.max_sequences, 16384)
     return settings.n_ctx * (settings.max_sequences + 1)
+
+
+MAX_LOAD_CONNECTIONS = 16  # bench/load.py on the 16-core H200 host: 16 best, 32 slower
+
+
+def load_connections(settings: Settings) -> int:
+    """Connections for a cold load of the matrix: THEMIS_LOAD_CONNECTIONS, else one per CPU
+    core of this host, at most 16 (the server's backends share the cores when both run on one
+    host, and past 16 they slowed the load)."""
+    if settings.load_connections:
+        return settings.load_connections
+    return max(1, min(MAX_LOAD_CONNECTIONS, os.cpu_count() or 1))
 
 
 class Worker:
@@ -109,7 +122,8 @@ class Worker:
             database, self.embedder.name, self.embedder.dim, store.device)) \
             if settings.index_snapshots else None
         self.index = EmbeddingIndex(self.embedder.dim, self.embedder.name, store,
-                                    connect=lambda: connect(dsn), snapshots=snapshots)
+                                    connect=lambda: connect(dsn), snapshots=snapshots,
+                                    load_connections=load_connections(settings))
         self._adapters = AdapterCache(settings.lora_cache, settings.lora_cache_bytes)
         self._adapter_lock = threading.Lock()
         self.engine: GenerationEngine | None = None
