@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from themis_pg.lora.adapter_file import write_adapter
-from themis_pg.pl.gguf_header import GGUFError, read_header
-from themis_pg.pl.lora_check import AdapterProblem, check_adapter_bytes
+from themis_pg.pl.gguf_header import GGUFError, GGUFHeader, TensorInfo, read_header
+from themis_pg.pl.lora_check import AdapterProblem, check_adapter, check_adapter_bytes
 
 
 def _as_gguf_py(path: Path) -> tuple[dict[str, tuple[int, ...]], int, dict[str, Any]]:
@@ -85,8 +85,27 @@ def _key(name: str) -> bytes:
     _header(0, _key("a") + struct.pack("<I", 99), 1),              # unknown value type
     _header(0, struct.pack("<Q", 2) + b"\xff\xfe" + struct.pack("<IB", 0, 1), 1),  # not UTF-8
     _header(1, _key("t") + struct.pack("<I", 9), 0),               # 9 dimensions
+    _header(0, _key("a") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 9, 1) * 600, 1),
+    _header(0, (_key("a") + struct.pack("<IB", 0, 1)) * 2, 2),     # a key twice
+    _header(2, (_key("t") + struct.pack("<IQIQ", 1, 4, 0, 0)) * 2, 0),  # a tensor twice
+    _header(0, _key("general.alignment") + struct.pack("<IQ", 10, 32), 1),  # not a uint32
+    _header(0, _key("general.alignment") + struct.pack("<II", 4, 24), 1),   # not 2^n
 ], ids=["empty", "magic", "version", "fields", "string", "array", "floats", "type", "utf8",
-        "dims"])
+        "dims", "nested", "key twice", "tensor twice", "alignment type", "alignment"])
 def test_hostile_headers_are_a_gguf_error(data):
     with pytest.raises(GGUFError):
         read_header(data)
+
+
+@pytest.mark.parametrize("b_offset, rank, problem", [
+    (64, 4, "not 1024 where llama.cpp expects it"),  # the second tensor's data misplaced
+    (0, 0, "rank 0"),
+])
+def test_misplaced_data_and_rank_zero_are_rejected(b_offset, rank, problem):
+    fields = {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 8.0,
+              "general.architecture": "llama"}
+    header = GGUFHeader(3, fields, {
+        "blk.0.attn_q.weight.lora_a": TensorInfo((64, rank), 0, 0),
+        "blk.0.attn_q.weight.lora_b": TensorInfo((rank, 32), 0, b_offset)}, 64)
+    with pytest.raises(AdapterProblem, match=problem):
+        check_adapter(header, 1 << 20, ("llama", {"blk.0.attn_q.weight": (64, 32)}))

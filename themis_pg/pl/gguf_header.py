@@ -29,7 +29,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 # value types of the key/value section: struct format of the scalar ones
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+_UINT32, _STRING, _ARRAY = 4, 8, 9
 
 # ggml tensor types: (elements per block, bytes per block), for the data-extent check
 GGML_TYPE_SIZES = {
@@ -51,15 +51,16 @@ class TensorInfo:
     offset: int  # from the start of the data section
 
     def nbytes(self) -> int | None:
-        """Bytes of the tensor's data, or None for a type this module does not know."""
+        """Bytes of the tensor's data, or None for a type this module does not know or a
+        row length that is not a whole number of the type's blocks (llama.cpp refuses it)."""
         size = GGML_TYPE_SIZES.get(self.ggml_type)
-        if size is None:
+        if size is None or self.shape[0] % size[0]:
             return None
         n = 1
         for d in self.shape:
             n *= d
         block, block_bytes = size
-        return -(-n // block) * block_bytes
+        return n // block * block_bytes
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class GGUFHeader:
     fields: dict[str, Any]  # scalar and string fields (arrays are skipped)
     tensors: dict[str, TensorInfo]
     data_offset: int  # where the data section starts in the file
+    alignment: int = DEFAULT_ALIGNMENT  # of the data section and of every tensor in it
 
     def data_end(self) -> int | None:
         """Where the last tensor's data ends (None if a tensor type is unknown)."""
@@ -121,11 +123,13 @@ class _Cursor:
         etype, count = self.unpack("<I"), self.unpack("<Q")
         if etype in _SCALARS:
             self.skip(count * struct.calcsize(_SCALARS[etype]))
-        elif etype in (_STRING, _ARRAY):
+        elif etype == _STRING:
             if count > len(self.buf) - self.pos:  # every element takes at least one byte
                 raise GGUFError(f"an array of {count} elements cannot fit in the file")
             for _ in range(count):
-                self.value(etype)
+                self.string()
+        elif etype == _ARRAY:  # llama.cpp refuses them too (and they would recurse here)
+            raise GGUFError(f"an array of arrays at offset {self.pos}")
         else:
             raise GGUFError(f"unknown array element type {etype} at offset {self.pos}")
 
@@ -148,21 +152,30 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         raise GGUFError(f"GGUF version {version} is not supported (2 and 3 are)")
     n_tensors, n_fields = cur.unpack("<Q"), cur.unpack("<Q")
     fields: dict[str, Any] = {}
+    keys: set[str] = set()
     for _ in range(n_fields):
         key = cur.string()
-        value = cur.value(cur.unpack("<I"))
+        vtype = cur.unpack("<I")
+        if key in keys:  # as llama.cpp: a second value would be ambiguous
+            raise GGUFError(f"the key {key!r} appears twice")
+        keys.add(key)
+        if key == "general.alignment" and vtype != _UINT32:
+            raise GGUFError("general.alignment is not a uint32")
+        value = cur.value(vtype)
         if value is not None:
             fields[key] = value
     tensors: dict[str, TensorInfo] = {}
     for _ in range(n_tensors):
         name = cur.string()
+        if name in tensors:
+            raise GGUFError(f"the tensor {name!r} appears twice")
         n_dims = cur.unpack("<I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
         tensors[name] = TensorInfo(shape, cur.unpack("<I"), cur.unpack("<Q"))
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0:
-        raise GGUFError(f"general.alignment is {alignment!r}")
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"general.alignment is {alignment}, not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
-    return GGUFHeader(version, fields, tensors, data_offset)
+    return GGUFHeader(version, fields, tensors, data_offset, alignment)

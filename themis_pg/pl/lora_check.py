@@ -73,7 +73,14 @@ def check_adapter(header: GGUFHeader, file_size: int, base: BaseModelShapes, *,
                              f"{f.get('general.architecture')!r}; {base_label} is {arch!r}")
     end = header.data_end()
     if end is None:
-        raise AdapterProblem(f"{label} has a tensor of a type llama.cpp adapters do not use")
+        raise AdapterProblem(f"{label} has a tensor of a type llama.cpp adapters do not use, "
+                             "or rows that are not whole blocks of its type")
+    expected = 0
+    for name, t in header.tensors.items():  # in file order, each at the next aligned place
+        if t.offset != expected:
+            raise AdapterProblem(f"{label}: the data of tensor {name} is at offset {t.offset}, "
+                                 f"not {expected} where llama.cpp expects it")
+        expected += -(-(t.nbytes() or 0) // header.alignment) * header.alignment
     if end > file_size:
         raise AdapterProblem(f"{label} is not a readable GGUF file (truncated or corrupt: its "
                              f"tensors end at byte {end}, the file has {file_size})")
@@ -103,6 +110,8 @@ def check_adapter(header: GGUFHeader, file_size: int, base: BaseModelShapes, *,
                 f"{label}: the shapes of {weight}.lora_a {list(a_shape)} and .lora_b "
                 f"{list(b_shape)} do not fit the base weight {list(w_shape)} (want "
                 f"[{n_in}, r] and [r, {n_out}])")
+        if a_shape[1] < 1:
+            raise AdapterProblem(f"{label}: {weight} has rank 0")
         ranks.add(a_shape[1])
         adapted.append(weight)
     if not adapted:

@@ -113,7 +113,7 @@ def register(plpy: Any, embed: Callable[[str], list[float]], *, name: str, data:
             raise PLError(f"an adapter named {name!r} is already registered",
                           sqlstate="42710",
                           hint="Remove it first: SELECT themis_lora_remove(name).") from exc
-        if state == "23514":
+        if state == "23514" and "lora_adapters_name_check" in str(exc):
             raise PLError(f"invalid adapter name {name!r} (letters, digits and ._:+- only, "
                           "starting with a letter or digit, at most 128)",
                           sqlstate="22023") from exc
