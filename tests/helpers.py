@@ -142,3 +142,12 @@ def bad_adapter_files(tmp: Path, good: Path, base: Path, embedding_model: Path
     write_adapter(out["unknown tensor"], "llama", {"blk.99.attn_q.weight": (
         np.zeros((4, n_in)), np.zeros((n_out, 4)))}, alpha=4)
     return out
+
+
+def adapter_rows(dsn: str) -> tuple[int, int]:
+    """Rows of themis.lora_adapters and of themis.lora_adapter_chunks."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM themis.lora_adapters), "
+                           "(SELECT count(*) FROM themis.lora_adapter_chunks)").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

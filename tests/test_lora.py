@@ -29,7 +29,7 @@ from themis_pg.lora.registry import (
 )
 from themis_pg.pl.payloads import AdapterUse, GeneratePayload
 
-from .helpers import BAD_ADAPTER_CASES, bad_adapter_files, same_or_near_tie
+from .helpers import BAD_ADAPTER_CASES, adapter_rows, bad_adapter_files, same_or_near_tie
 
 PROMPT = "Write one sentence about the sea."
 
@@ -51,14 +51,6 @@ def generator(base_path: Path) -> Iterator[LlamaGenerator]:
     yield LlamaGenerator(base_path, "smollm2-135m-instruct", n_ctx=512, own_cells=256)
 
 
-def _rows(dsn: str) -> tuple[int, int]:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM themis.lora_adapters), "
-                           "(SELECT count(*) FROM themis.lora_adapter_chunks)").fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
 # -- registration and the cache --------------------------------------------------------------
 def test_register_list_show_remove(migrated_db, adapters, model_cache):
     with psycopg.connect(migrated_db, autocommit=True) as conn:
@@ -78,7 +70,7 @@ def test_register_list_show_remove(migrated_db, adapters, model_cache):
         remove_adapter(conn, "demo-a")
         with pytest.raises(AdapterNotFound):
             get_adapter(conn, "demo-a")
-    assert _rows(migrated_db) == (0, 0)
+    assert adapter_rows(migrated_db) == (0, 0)
 
 
 @pytest.mark.parametrize("case", BAD_ADAPTER_CASES)
@@ -91,7 +83,7 @@ def test_registration_rejects_bad_files_and_stores_nothing(
         register_adapter(conn, bad, "bad", cache_dir=model_cache)
     assert str(bad) in err.value.message or bad.name in err.value.message
     assert err.value.sqlstate == "22023"
-    assert _rows(migrated_db) == (0, 0)
+    assert adapter_rows(migrated_db) == (0, 0)
 
 
 def test_an_empty_cache_fetches_from_the_database_and_keeps_its_budget(

@@ -15,7 +15,7 @@ import pytest
 
 from themis_pg.lora.demo import DEMO_ADAPTERS, write_demo_adapter
 
-from .helpers import BAD_ADAPTER_CASES, bad_adapter_files
+from .helpers import BAD_ADAPTER_CASES, adapter_rows, bad_adapter_files
 
 MEDICAL = next(d for d in DEMO_ADAPTERS if d.domain == "medical")
 REGISTER = ("SELECT themis_lora_register(%s, %s, domain => %s, description => %s, "
@@ -31,14 +31,6 @@ def base_path(default_models: list[Any]) -> Path:
 def medical_file(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_adapter(base_path, tmp_path_factory.mktemp("lora") / "medical.gguf",
                               MEDICAL.seed)
-
-
-def _counts(dsn: str) -> tuple[int, int]:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM themis.lora_adapters), "
-                           "(SELECT count(*) FROM themis.lora_adapter_chunks)").fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
 
 
 def _register(dsn: str, name: str, data: bytes, **kw: Any) -> dict[str, Any]:
@@ -79,7 +71,7 @@ def test_sql_registration_stores_the_file_and_a_worker_made_centroid(
         conn.execute("SELECT themis_lora_remove('sql-medical')")
         with pytest.raises(psycopg.errors.UndefinedObject):
             conn.execute("SELECT themis_lora_remove('sql-medical')")
-    assert _counts(corpus_db) == (0, 0)
+    assert adapter_rows(corpus_db) == (0, 0)
 
 
 @pytest.mark.parametrize("case", BAD_ADAPTER_CASES)
@@ -92,7 +84,7 @@ def test_sql_registration_rejects_each_bad_file_and_stores_nothing(
     assert err.value.sqlstate == "22023", err.value
     assert err.value.diag.message_primary is not None
     assert "plpy" not in err.value.diag.message_primary
-    assert _counts(corpus_db) == (0, 0)
+    assert adapter_rows(corpus_db) == (0, 0)
 
 
 def test_bad_arguments_and_a_model_without_its_header_are_clear_errors(
@@ -115,7 +107,7 @@ def test_bad_arguments_and_a_model_without_its_header_are_clear_errors(
             conn.execute("SELECT themis_lora_register('z', %s)", (data,))
         assert err.value.sqlstate == "55000" and "themis models register" in \
             (err.value.diag.message_hint or "")
-    assert _counts(corpus_db)[0] == 1
+    assert adapter_rows(corpus_db)[0] == 1
 
 
 def test_only_admins_register_and_a_rollback_keeps_nothing(corpus_db, medical_file, user_role):
@@ -127,9 +119,9 @@ def test_only_admins_register_and_a_rollback_keeps_nothing(corpus_db, medical_fi
     with psycopg.connect(admin) as conn:
         conn.execute("SELECT themis_lora_register('rolled-back', %s)", (data,))
         conn.rollback()
-    assert _counts(corpus_db) == (0, 0)
+    assert adapter_rows(corpus_db) == (0, 0)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute("SELECT themis_lora_register('kept', %s)", (data,))
         assert conn.execute("SELECT name FROM themis.lora_adapters").fetchall() == [("kept",)]
         conn.execute("SELECT themis_lora_remove('kept')")
-    assert _counts(corpus_db) == (0, 0)
+    assert adapter_rows(corpus_db) == (0, 0)

@@ -201,9 +201,12 @@ def lora() -> None:
 
 
 def _centroid(embedder: Any, texts: list[str]) -> Any:
-    """Where an adapter sits among queries: the normalised mean of its texts' embeddings."""
-    mean = embedder.embed(texts).mean(axis=0)
-    return mean / max(float((mean ** 2).sum()) ** 0.5, 1e-12)
+    """Where an adapter sits among queries (as themis_lora_register computes it)."""
+    import numpy as np
+
+    from .pl.lora_registry import centroid_of
+
+    return np.asarray(centroid_of(embedder.embed(texts).tolist()), dtype=np.float32)
 
 
 _ADAPTER_OPTIONS = [

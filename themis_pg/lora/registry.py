@@ -27,13 +27,13 @@ from themis_pg.errors import AdapterNotFound, InvalidAdapter, InvalidInput
 from themis_pg.lora.adapter_file import validate_adapter
 from themis_pg.models import verify_registered_model
 from themis_pg.models.registry import get_model
+from themis_pg.pl.lora_registry import CHUNK  # the SQL function writes the same chunks
 
 __all__ = ["AdapterCache", "AdapterRecord", "get_adapter", "list_adapters",
            "register_adapter", "remove_adapter"]
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 _COLUMNS = ("id, name, domain, base_model, rank, alpha, default_scale, description, sha256, "
             "size_bytes, centroid IS NOT NULL AS has_centroid, created_at")
 
