@@ -61,3 +61,25 @@ def test_a_filter_that_is_not_an_object_is_refused(tagged_db, bad):
     state, message = sqlstate_of(dsn, "SELECT themis_search(%s, 3, filter => %s::jsonb)",
                                  (TLS, bad))
     assert state == "22023" and "filter must be a jsonb object" in message
+
+
+def test_a_cached_filter_sees_a_metadata_only_change_at_the_next_call(tagged_db):
+    """The worker keeps each filter's matches between calls (worker/filter_cache.py); an
+    UPDATE of metadata alone (no new embedding) must still reach the very next call."""
+    dsn, german = tagged_db
+    count = "SELECT count(*) FROM themis_search(%s, 50, filter => '{\"lang\": \"de\"}')"
+    assert one(dsn, count, (TLS,)) == len(german)
+    assert one(dsn, count, (TLS,)) == len(german)  # served from the cache
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        moved = conn.execute(
+            "UPDATE themis.documents SET metadata = metadata || '{\"lang\": \"de\"}' "
+            "WHERE id = (SELECT min(id) FROM themis.documents WHERE metadata->>'lang' = 'en') "
+            "RETURNING id").fetchone()[0]
+        try:
+            rows = conn.execute("SELECT id FROM themis_search(%s, 50, filter => "
+                                "'{\"lang\": \"de\"}')", (TLS,)).fetchall()
+            assert {r[0] for r in rows} == german | {moved}
+        finally:
+            conn.execute("UPDATE themis.documents SET metadata = metadata || "
+                         "'{\"lang\": \"en\"}' WHERE id = %s", (moved,))
+        assert one(dsn, count, (TLS,)) == len(german)

@@ -152,6 +152,40 @@ def test_allow_restricts_to_matching_ids(kind):
     assert sorted(i for i, _ in few) == [3, 4]
 
 
+@pytest.mark.parametrize("kind", STORES)
+def test_a_batch_mixes_plain_small_filter_large_filter_and_cursor(kind):
+    """One batch, four paths: no filter (the fast search), a small allow set (only its rows
+    scored), a large one (every row scored, then restricted) and a small allow set paged by a
+    cursor; each answer is the float64 reference's on its own rows, ties by lower row."""
+    rng = np.random.default_rng(13)
+    dim = 32
+    n = 8000
+    vectors = clustered(rng, n, dim, 40)
+    ids = rng.permutation(100_000)[:n].astype(np.int64)
+    store = make_store(kind, dim)
+    store.replace_all(ids, vectors)
+    small = frozenset(int(i) for i in rng.choice(ids, 80, replace=False))       # 1%
+    large = frozenset(int(i) for i in rng.choice(ids, n // 2, replace=False))   # 50%
+    queries = np.concatenate([unit(rng, 3, dim), vectors[:1]])
+    first = store.search(queries[3:], 5, [SearchFilter(allow=small)])[0]
+    cursor = SearchFilter(allow=small, below=first[-1][1], exclude=frozenset({first[-1][0]}))
+    got = store.search(queries, 10, [None, SearchFilter(allow=small),
+                                     SearchFilter(allow=large), cursor])
+
+    def on(allowed, q):
+        rows = np.array(sorted(np.flatnonzero(np.isin(ids, list(allowed)))))
+        return reference(vectors[rows], ids[rows], q[None, :], 10)[0]
+
+    assert [i for i, _ in got[0]] == [i for i, _ in reference(vectors, ids, queries[:1], 10)[0]]
+    assert [i for i, _ in got[1]] == [i for i, _ in on(small, queries[1])]
+    assert [i for i, _ in got[2]] == [i for i, _ in on(large, queries[2])]
+    paged = reference(vectors[np.isin(ids, list(small))], ids[np.isin(ids, list(small))],
+                      queries[3:], 15)[0]
+    assert [i for i, _ in first + got[3]] == [i for i, _ in paged]
+    for g in got:
+        assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
+
+
 def test_make_store_picks_the_device():
     from themis_pg.retrieval.store import make_store
 
@@ -215,11 +249,14 @@ def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
 
 
 @pytest.mark.parametrize("b", [1, 8])
+@pytest.mark.parametrize("cap", ["near-ties rescored", "too many: exact scan"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
-def test_gpu_near_ties_the_bound_cannot_certify_fall_back_to_exact(b, monkeypatch):
+def test_gpu_near_ties_the_bound_cannot_certify(b, cap, monkeypatch):
     """Thousands of rows within fp16 rounding of each other around the query: the candidates
-    cannot be certified, so the store must rescan exactly and still return the fp32 order."""
+    cannot be certified, so the store must collect every row within the bound of the k-th
+    score and rescore those in fp32 (or scan exactly when there are more than its share),
+    and still return the fp32 order."""
     from themis_pg.retrieval import cupy_store
 
     rng = np.random.default_rng(3)
@@ -231,17 +268,21 @@ def test_gpu_near_ties_the_bound_cannot_certify_fall_back_to_exact(b, monkeypatc
     ids = np.arange(len(matrix), dtype=np.int64)
     store = cupy_store.CupyStore(dim)
     store.replace_all(ids, matrix)
-    exact_calls: list[int] = []
-    real = store._search_exact
+    if cap != "near-ties rescored":
+        monkeypatch.setattr(cupy_store, "THRESHOLD_SHARE", 0.01)  # 1,050 rows < 5,000
+    calls: dict[str, list[int]] = {"near": [], "exact": []}
+    for name, attr in (("near", "_near_ties"), ("exact", "_search_exact")):
+        real = getattr(store, attr)
 
-    def spy(q, k):
-        exact_calls.append(len(q))
-        return real(q, k)
+        def spy(q, *args, _real=real, _name=name):
+            calls[_name].append(len(q))
+            return _real(q, *args)
 
-    monkeypatch.setattr(store, "_search_exact", spy)
+        monkeypatch.setattr(store, attr, spy)
     queries = np.repeat(center[None, :], b, axis=0)
     got = store.search(queries, 50)
-    assert exact_calls, "the near-ties should not have been certified"
+    assert calls["near"] == [b], "the near-ties should not have been certified"
+    assert calls["exact"] == ([] if cap == "near-ties rescored" else [b])
     assert recall(got, reference(matrix, ids, queries, 50)) == 1.0
     full32 = matrix @ center  # fp32 sums in another order: equal to about 1e-7
     for g in got:

@@ -22,10 +22,17 @@ exact fp32 score (rounding a unit vector to fp16 moves a dot product with a unit
 most 2^-11; the GEMM path also rounds the query and the score: 3 x 2^-11, with cuBLAS
 accumulating in fp32).  Any row that is not a candidate scores at most ``a``, the lowest
 approximate score among the ``k + margin`` candidates kept.  So when the k-th exact score is at
-least ``a + eps``, no row outside the candidates can beat it and the answer is exact; a query
-where that does not hold (many rows within ``eps`` of its k-th score) is searched again with a
-wider margin, then by an exact fp32 scan.  Recall against a float64 reference is measured by
-``bench/retrieval.py`` and tested in tests/test_store.py.
+least ``a + eps``, no row outside the candidates can beat it and the answer is exact.  A query
+where that does not hold has many rows within ``eps`` of its k-th score (near-duplicates, a
+dense cluster): its k-th exact score ``s`` so far is a lower bound of the true one, so every row
+of the true answer scores at least ``s - eps`` approximately.  One more pass collects exactly
+those rows, and they are rescored in fp32: the cost grows with the number of near-ties, not
+with the matrix.  Only a query with more of them than ``THRESHOLD_SHARE`` of the rows is scanned
+exactly in fp32.  Recall against a float64 reference is measured by ``bench/retrieval.py`` and
+tested in tests/test_store.py.
+
+A metadata filter admitting few rows (``store.SUBSET_SHARE``) scores only those rows, exactly;
+their row numbers are mapped once per store layout and kept with the filter's ``AllowSet``.
 
 Small batches (up to ``SMALL_BATCH`` queries) take one pass: ``scan_select`` scores a block of
 rows against the queries in shared memory and keeps the block's best candidates, so no score
@@ -43,15 +50,25 @@ from typing import Any
 
 import numpy as np
 
-from .store import FloatArray, Hit, IdArray, RowMap, SearchFilter, hits, restrict
+from .store import (
+    FloatArray,
+    Hit,
+    IdArray,
+    RowMap,
+    SearchFilter,
+    hits,
+    restrict,
+    restrict_subset,
+    split_by_filter,
+)
 
 log = logging.getLogger(__name__)
 
 GROUP = 32          # fewest rows per group for the group-maximum pruning
 MAX_GROUP = 256     # most rows per group (candidates per kept group)
 TARGET_GROUPS = 8192  # groups per query beyond which the group size doubles
-MARGIN = 16         # extra groups and extra rows rescored beyond k (first try)
-WIDE_MARGIN = 112   # the second try, for queries the first could not certify
+MARGIN = 16         # extra groups and extra rows rescored beyond k
+THRESHOLD_SHARE = 0.25  # near-ties of one query beyond this share of the rows: exact scan
 EPS_SCAN = 2.0 ** -11 + 1e-4  # |approximate - exact fp32 score|, one-pass scan (fp32 query)
 EPS_GEMM = 3 * 2.0 ** -11 + 1e-4  # the same, GEMM path (fp16 query and fp16 scores)
 CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
@@ -525,15 +542,52 @@ class CupyStore(RowMap):
             return []
         if size == 0 or n <= 0:
             return [[] for _ in range(b)]
+        k = min(n, size)
+        plain, subset, full = split_by_filter(filters, b, size)
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(np.ascontiguousarray(queries, np.float32))
-            if filters and any(f is not None for f in filters):
-                rows, scores = self._search_exact(q32, n, filters)
+            if len(plain) == b:
+                rows, scores = self._search_certified(q32, k)
             else:
-                rows, scores = self._search_certified(q32, min(n, size))
+                assert filters is not None
+                rows = cp.full((b, k), -1, cp.int64)
+                scores = cp.full((b, k), -cp.inf, cp.float32)
+                if plain:
+                    at = cp.asarray(plain)
+                    rows[at], scores[at] = self._search_certified(q32[at], k)
+                if full:
+                    at = cp.asarray(full)
+                    rows[at], scores[at] = self._search_exact(q32[at], k,
+                                                              [filters[i] for i in full])
+                for i in subset:
+                    flt = filters[i]
+                    assert flt is not None and flt.allow is not None
+                    rows[i], scores[i] = self._subset_top(
+                        q32[i], flt.allow.rows_in(self, cp.asarray), k, flt)
             rows_h = cp.asnumpy(rows)
             scores_h = cp.asnumpy(scores)
         return hits(self._ids, rows_h, scores_h)
+
+    def _subset_top(self, q: Any, rows: Any, k: int,
+                    flt: SearchFilter | None = None) -> tuple[Any, Any]:
+        """The best k of ``rows`` (ascending, on the device) for one query ``q`` (dim,), scored
+        exactly in fp32, with ``flt``'s cursor applied; (k,) rows and scores, -1 / -inf
+        padded."""
+        cp = self._cp
+        out_rows = cp.full(k, -1, cp.int64)
+        out_scores = cp.full(k, -cp.inf, cp.float32)
+        m = len(rows)
+        if m == 0 or k == 0:
+            return out_rows, out_scores
+        scores = self._full[rows] @ q  # (m,): gathers m rows, cheap next to a scan
+        if flt is not None:
+            restrict_subset(cp, scores, rows, flt, self._row_of)
+        kk = min(k, m)
+        part = radix_topk(cp, scores[None, :], kk)[0] if kk < m else cp.arange(m)
+        cand = cp.where(scores[part] == -cp.inf, -1, rows[part])
+        got_rows, got_scores = self._exact_top(q[None, :], cand[None, :], kk)
+        out_rows[:kk], out_scores[:kk] = got_rows[0], got_scores[0]
+        return out_rows, out_scores
 
     def _exact_top(self, q32: Any, cand: Any, k: int) -> tuple[Any, Any]:
         """Rescore candidate rows (b, c) exactly in fp32; the best k, ties by lower row.
@@ -567,40 +621,61 @@ class CupyStore(RowMap):
                 and scan_rows_per_block(self._size, b, self.dim) >= max(256, keep))
 
     def _search_certified(self, q32: Any, k: int) -> tuple[Any, Any]:
-        """Candidates by the one-pass scan or the GEMM path, rescored exactly; queries whose
-        answer the bound cannot certify (module doc) go again with a wider margin, then to
-        an exact fp32 scan."""
+        """Candidates by the one-pass scan or the GEMM path, rescored exactly; a query whose
+        answer the bound cannot certify (module doc) is answered from every row within the
+        bound of its k-th score (``_near_ties``)."""
         cp = self._cp
-        rows = cp.full((q32.shape[0], k), -1, cp.int64)
-        scores = cp.full((q32.shape[0], k), -cp.inf, cp.float32)
-        todo = cp.arange(q32.shape[0])
-        for margin in (MARGIN, WIDE_MARGIN):
-            keep = min(k + margin, self._size)
-            q = q32[todo]
-            if self._small_ok(len(todo), keep):
-                cand, approx = self._candidates_scan(q, keep)
-                eps = EPS_SCAN
-            else:
-                cand, approx = self._candidates_gemm(q, keep)
-                eps = EPS_GEMM
-            got_rows, got_scores = self._exact_top(q, cp.where(approx == -cp.inf, -1, cand), k)
-            # No other row can beat the k-th; a query with padding (-inf) among its candidates
-            # had every row as a candidate, and -inf + eps passes the test too.
-            complete = keep >= self._size or approx.shape[1] < keep
-            ok = got_scores[:, k - 1] >= approx.min(axis=1) + eps
-            if complete or (margin == MARGIN and bool(ok.all())):  # the usual case: one sync
-                if margin == MARGIN:
-                    return got_rows, got_scores
-                ok[:] = True
-            rows[todo[ok]] = got_rows[ok]
-            scores[todo[ok]] = got_scores[ok]
-            todo = todo[~ok]
-            if not len(todo):
-                return rows, scores
-            log.debug("%d queries not certified with margin %d", len(todo), margin)
-        exact_rows, exact_scores = self._search_exact(q32[todo], k)
-        rows[todo] = exact_rows
-        scores[todo] = exact_scores
+        keep = min(k + MARGIN, self._size)
+        if self._small_ok(len(q32), keep):
+            cand, approx = self._candidates_scan(q32, keep)
+            eps = EPS_SCAN
+        else:
+            cand, approx = self._candidates_gemm(q32, keep)
+            eps = EPS_GEMM
+        rows, scores = self._exact_top(q32, cp.where(approx == -cp.inf, -1, cand), k)
+        # No other row can beat the k-th; a query with padding (-inf) among its candidates
+        # had every row as a candidate, and -inf + eps passes the test too.
+        if keep >= self._size or approx.shape[1] < keep:
+            return rows, scores
+        ok = scores[:, k - 1] >= approx.min(axis=1) + eps
+        todo = cp.flatnonzero(~ok)
+        if len(todo):  # one sync in the usual case, where every query is certified
+            log.debug("%d of %d queries not certified: near-ties", len(todo), len(q32))
+            rows[todo], scores[todo] = self._near_ties(q32[todo], scores[todo, k - 1], k)
+        return rows, scores
+
+    def _near_ties(self, q32: Any, kth: Any, k: int) -> tuple[Any, Any]:
+        """The exact best k of each query (t, dim) whose k-th exact score so far is ``kth``
+        (t,): every row whose fp16 GEMM score is at least ``kth - EPS_GEMM`` is a candidate
+        (the true top k are among them), and only those are rescored in fp32."""
+        cp = self._cp
+        size = self._size
+        t = len(q32)
+        q16 = q32.astype(cp.float16)
+        floor = (kth - EPS_GEMM)[:, None]
+        chunk_rows = max(1, CHUNK_BYTES // (6 * t))  # fp16 scores and their fp32 compare
+        which, cols = [], []
+        for start in range(0, size, chunk_rows):
+            block = (q16 @ self._half[start:start + chunk_rows].T).astype(cp.float32)
+            at_q, at_col = cp.nonzero(block >= floor)  # row-major: ascending rows per query
+            which.append(at_q)
+            cols.append(at_col + start)
+        key = cp.concatenate(which) * size + cp.concatenate(cols)
+        if len(which) > 1:  # chunks interleave the queries: order by query, then row
+            key = cp.sort(key)
+        which_all, cols_all = key // size, key % size
+        counts = cp.bincount(which_all, minlength=t).tolist()
+        rows = cp.full((t, k), -1, cp.int64)
+        scores = cp.full((t, k), -cp.inf, cp.float32)
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        too_many = [j for j in range(t) if counts[j] > THRESHOLD_SHARE * size]
+        for j in range(t):
+            if counts[j] <= THRESHOLD_SHARE * size:
+                rows[j], scores[j] = self._subset_top(
+                    q32[j], cols_all[starts[j]:starts[j + 1]], k)
+        if too_many:
+            at = cp.asarray(too_many)
+            rows[at], scores[at] = self._search_exact(q32[at], k)
         return rows, scores
 
     def _candidates_scan(self, q32: Any, keep: int) -> tuple[Any, Any]:

@@ -131,6 +131,9 @@ class EmbeddingIndex:
         self.last_load_source = ""  # "database" or "snapshot"
         self.snapshots = snapshots
         self._dirty = True  # rows changed since the last snapshot (or there is none)
+        # Bumped by every load and by every delta that holds changes (metadata-only ones
+        # too): what the worker's filter cache checks its entries against.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self.store)
@@ -142,6 +145,7 @@ class EmbeddingIndex:
         since), else from ``themis.documents``.  A reload that a sync asked for (log pruned,
         TRUNCATE, server restart) passes ``use_snapshot=False``: the snapshot is older still."""
         started = time.perf_counter()
+        self.generation += 1
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             watermark, horizon, server_start = cur.execute(query("snapshot_state")).fetchone()  # type: ignore[misc]
@@ -233,6 +237,8 @@ class EmbeddingIndex:
         started = time.perf_counter()
         assert self.watermark is not None, "apply_delta before load"
         delta = parse_delta(rows)
+        if delta.changes:
+            self.generation += 1
         self._check_corpus(delta.corpus)
         stale = self.watermark < delta.horizon or delta.server_start != self._server_start
         if stale or any(op == "T" for _, _, _, op in delta.changes):

@@ -7,7 +7,7 @@ behind the same protocol.  Rows are unit vectors, so inner product is cosine sim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,43 @@ FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
 
 
+SUBSET_SHARE = 0.25  # an allow set of at most this share of the rows: score only its rows
+
+
+class AllowSet:
+    """The ids a metadata filter admits.  A store maps them to its rows once per layout (rows
+    move only when rows are added or removed) and keeps that map here, so a filter the worker
+    has cached costs no per-id work on later searches (worker/filter_cache.py)."""
+
+    __slots__ = ("_rows", "ids")
+
+    def __init__(self, ids: Iterable[int]) -> None:
+        self.ids = frozenset(int(i) for i in ids)
+        self._rows: tuple[object, int, Any] | None = None  # (store token, layout, rows)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self.ids
+
+    def rows_in(self, store: RowMap, to_device: Any = None) -> Any:
+        """The store rows of these ids, ascending (so ties stay broken by lower row), as the
+        store's array type (``to_device`` converts from NumPy); memoised per store layout."""
+        memo = self._rows
+        if memo is not None and memo[0] is store.token and memo[1] == store.layout:
+            return memo[2]
+        row_of = store.row_of
+        rows = np.fromiter((row_of[d] for d in self.ids if d in row_of), np.int64)
+        rows.sort()
+        out = rows if to_device is None else to_device(rows)
+        self._rows = (store.token, store.layout, out)
+        return out
+
+
 @dataclass(frozen=True)
 class SearchFilter:
     """Per-query restriction: only the ids in ``allow`` (None: all; a metadata filter's
@@ -29,7 +66,11 @@ class SearchFilter:
 
     below: float | None = None
     exclude: frozenset[int] = field(default_factory=frozenset)
-    allow: frozenset[int] | None = None
+    allow: AllowSet | None = None
+
+    def __post_init__(self) -> None:
+        if self.allow is not None and not isinstance(self.allow, AllowSet):
+            object.__setattr__(self, "allow", AllowSet(self.allow))
 
 
 Hit = tuple[int, float]
@@ -83,13 +124,46 @@ def hits(ids: IdArray, rows: npt.NDArray[np.int64],
             for ir, sr, vr in zip(id_rows, score_rows, valid.tolist(), strict=True)]
 
 
+def split_by_filter(filters: Sequence[SearchFilter | None] | None, b: int, size: int
+                    ) -> tuple[list[int], list[int], list[int]]:
+    """Which queries of a batch take which path: (no filter: the store's fastest search;
+    a small allow set: only its rows are scored; the rest: every row scored exactly, then
+    ``restrict``)."""
+    plain: list[int] = []
+    subset: list[int] = []
+    full: list[int] = []
+    for i in range(b):
+        flt = filters[i] if filters else None
+        if flt is None:
+            plain.append(i)
+        elif flt.allow is not None and len(flt.allow) <= SUBSET_SHARE * size:
+            subset.append(i)
+        else:
+            full.append(i)
+    return plain, subset, full
+
+
+def restrict_subset(xp: Any, scores: Any, rows: Any, flt: SearchFilter,
+                    row_of: dict[int, int]) -> None:
+    """``restrict`` for one query scored only on ``rows`` (ascending): the cursor's score
+    ceiling and excluded ids (the allow set is already applied: ``rows`` are its rows)."""
+    if flt.below is not None:
+        scores[scores > flt.below] = -xp.inf
+    excluded = [row_of[d] for d in flt.exclude if d in row_of]
+    if excluded and len(rows):
+        want = xp.asarray(excluded, dtype=xp.int64)
+        at = xp.minimum(xp.searchsorted(rows, want), len(rows) - 1)
+        hit = rows[at] == want
+        scores[at[hit]] = -xp.inf
+
+
 def restrict(xp: Any, scores: Any, filters: Sequence[SearchFilter | None] | None,
              row_of: dict[int, int]) -> None:
     """Apply each query's ``SearchFilter`` to its row of ``scores`` (b, rows) in place: a
     ruled-out row scores -inf.  ``xp`` is the array module of ``scores`` (NumPy or CuPy)."""
     size = scores.shape[1]
 
-    def rows(ids: frozenset[int]) -> Any:
+    def rows(ids: Iterable[int]) -> Any:
         return xp.asarray([row_of[d] for d in ids if d in row_of], dtype=xp.int64)
 
     for i, flt in enumerate(filters or ()):
@@ -118,9 +192,15 @@ class RowMap:
         self._ids: IdArray = np.zeros(0, np.int64)
         self._size = 0
         self._row_of: dict[int, int] = {}
+        self.token = object()  # identifies this store in an AllowSet's memo
+        self.layout = 0        # bumped whenever a row is added, moved or removed
 
     def __len__(self) -> int:
         return self._size
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        return self._row_of
 
     def _reserve(self, rows: int) -> None:
         raise NotImplementedError
@@ -136,6 +216,7 @@ class RowMap:
         self._ids[: len(ids)] = np.asarray(ids, np.int64)
         self._size = len(ids)
         self._row_of = {int(i): r for r, i in enumerate(self._ids[: self._size])}
+        self.layout += 1
 
     def upsert(self, ids: IdArray, vectors: FloatArray) -> None:
         rows = np.empty(len(ids), np.int64)
@@ -154,6 +235,8 @@ class RowMap:
             self._ids = grown
         self._ids[rows] = ids
         self._size += new
+        if new:
+            self.layout += 1
         self._write(rows, vectors)
 
     def delete(self, ids: Sequence[int]) -> int:
@@ -171,6 +254,8 @@ class RowMap:
                 self._row_of[moved] = row
             self._size -= 1
             removed += 1
+        if removed:
+            self.layout += 1
         return removed
 
 
@@ -214,9 +299,30 @@ class NumpyStore(RowMap):
     def search(self, queries: FloatArray, n: int,
                filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:
         live = self._matrix[: self._size]
-        scores = queries.astype(np.float32, copy=False) @ live.T  # (b, size)
-        restrict(np, scores, filters, self._row_of)
-        rows_out, scores_out = select_top_k(scores, n)
+        queries = queries.astype(np.float32, copy=False)
+        _, subset, _ = split_by_filter(filters, len(queries), self._size)
+        if not subset:
+            scores = queries @ live.T  # (b, size)
+            restrict(np, scores, filters, self._row_of)
+            rows_out, scores_out = select_top_k(scores, n)
+            return hits(self._ids, rows_out, scores_out)
+        assert filters is not None
+        b, k = len(queries), min(n, self._size)
+        rows_out = np.full((b, k), -1, np.int64)
+        scores_out = np.full((b, k), -np.inf, np.float32)
+        rest = sorted(set(range(b)) - set(subset))
+        if rest:
+            scores = queries[rest] @ live.T
+            restrict(np, scores, [filters[i] for i in rest], self._row_of)
+            rows_out[rest], scores_out[rest] = select_top_k(scores, k)
+        for i in subset:
+            flt = filters[i]
+            assert flt is not None and flt.allow is not None
+            rows = flt.allow.rows_in(self)
+            scores = live[rows] @ queries[i]
+            restrict_subset(np, scores, rows, flt, self._row_of)
+            at, top = select_top_k(scores[None, :], k)
+            rows_out[i, : at.shape[1]], scores_out[i, : at.shape[1]] = rows[at[0]], top[0]
         return hits(self._ids, rows_out, scores_out)
 
 

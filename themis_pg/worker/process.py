@@ -41,6 +41,7 @@ from ..retrieval.index import EmbeddingIndex
 from ..retrieval.snapshot import SnapshotStore, snapshot_key
 from ..retrieval.store import make_store
 from .connections import connect
+from .filter_cache import FilterCache
 from .generate_lane import GenerateLane
 from .housekeeper import Housekeeper
 from .lane import Lane
@@ -90,6 +91,7 @@ class Worker:
         self._search_ms = 0.0
         self._embed_ms = 0.0
         self._counts_lock = threading.Lock()
+        self.filter_cache = FilterCache()  # the search lane's; its counts go into stats()
         self.started = time.time()
 
         with connect(dsn) as conn:
@@ -192,7 +194,8 @@ class Worker:
                              "mean_batch": round(searches / batches, 2) if batches else 0.0,
                              "mean_ms": round(search_ms / batches, 3) if batches else 0.0,
                              "total_ms": round(search_ms, 1),
-                             "embed_total_ms": round(embed_ms, 1)},
+                             "embed_total_ms": round(embed_ms, 1),
+                             "filters": self.filter_cache.as_json()},
                 "memory": self.memory.as_json(),
                 "generation": self.engine.snapshot()
                 if isinstance(self.engine, AdapterEngines) else None,

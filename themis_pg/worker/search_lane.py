@@ -21,11 +21,11 @@ from ..bus.jobs import Finished, Job, JobStore
 from ..bus.queries import query
 from ..errors import ModelMismatch
 from ..pl.payloads import CURSOR_SLACK, EmbedPayload, SearchPayload
-from ..retrieval.store import SearchFilter
+from ..retrieval.store import AllowSet, SearchFilter
+from .filter_cache import FilterCache
 from .lane import Lane
 
 log = logging.getLogger(__name__)
-
 
 
 def encode_vector(vector: np.ndarray[Any, Any]) -> str:
@@ -42,6 +42,10 @@ def decode_vector(text: str, dim: int) -> np.ndarray[Any, Any]:
 
 class SearchLane(Lane):
     kinds = ("search", "embed")
+
+    @property
+    def filters(self) -> FilterCache:
+        return self.worker.filter_cache
 
     def on_connect(self, conn: psycopg.Connection[Any]) -> None:
         register_vector(conn)  # embeddings arrive as NumPy arrays
@@ -120,21 +124,32 @@ class SearchLane(Lane):
         self.finish(done)
 
     def _filter_matches(self, searches: list[tuple[Job, SearchPayload]]
-                        ) -> dict[str, frozenset[int]]:
-        """The ids each distinct metadata filter of the batch admits, one round trip for all
-        (pipelined); read after the claim, so a caller's committed rows are seen."""
-        wanted = sorted({json.dumps(p.filter, sort_keys=True) for _, p in searches
-                         if p.filter is not None})
+                        ) -> dict[str, AllowSet]:
+        """The ids each distinct metadata filter of the batch admits: from the filter cache
+        while no document changed since it was read (filter_cache.py), else read after the
+        claim, so a caller's committed rows are seen, in one round trip for all (pipelined)."""
+        generation = self.worker.index.generation
+        found: dict[str, AllowSet] = {}
+        wanted = []
+        for key in sorted({json.dumps(p.filter, sort_keys=True) for _, p in searches
+                           if p.filter is not None}):
+            cached = self.filters.get(key, generation)
+            if cached is None:
+                wanted.append(key)
+            else:
+                found[key] = cached
         if not wanted:
-            return {}
+            return found
         conn = self.db.get()
         with conn.pipeline():
             cursors = [conn.execute(query("filter_matches"), {"filter": f}) for f in wanted]
-        return {f: frozenset(int(i) for i in (cur.fetchone() or [[]])[0])
-                for f, cur in zip(wanted, cursors, strict=True)}
+        for key, cur in zip(wanted, cursors, strict=True):
+            found[key] = AllowSet((cur.fetchone() or [[]])[0])
+            self.filters.put(key, generation, found[key])
+        return found
 
     def _search(self, searches: list[tuple[Job, SearchPayload]],
-                matches: dict[str, frozenset[int]]) -> list[Finished]:
+                matches: dict[str, AllowSet]) -> list[Finished]:
         """One embedding call for the queries that need one, one top-k for the batch."""
         worker = self.worker
         index = worker.index
@@ -180,7 +195,7 @@ class SearchLane(Lane):
 
     @staticmethod
     def _store_filter(payload: SearchPayload,
-                      matches: dict[str, frozenset[int]]) -> SearchFilter | None:
+                      matches: dict[str, AllowSet]) -> SearchFilter | None:
         """What the store must restrict this query to: a paged round's cursor and the rows
         its metadata filter admits (None: nothing)."""
         allow = None if payload.filter is None else \
