@@ -63,7 +63,7 @@ def main() -> None:
         near.append(len(q))
         return real(q, *args)
 
-    store._near_ties = spy  # type: ignore[method-assign]
+    store._near_ties = spy  # type: ignore[method-assign,assignment]
     sync = cp.cuda.Device().synchronize
     center = full[12345]
     print("| queries | batch | search ms | near-tie queries per call | recall@10 |")
@@ -83,7 +83,7 @@ def main() -> None:
             near.clear()
             got = store.search(host, K)
             calls = sum(near)
-            ms = timed(lambda h=host: store.search(h, K), sync, 20)
+            ms = timed(lambda h=host: store.search(h, K), sync, 20)  # type: ignore[misc]
             print(f"| {label} | {b} | {ms:.3f} | {calls} | {exact_ok(full, host, got):.4f} |")
     allowed = np.arange(7, N, 100)
     allow = AllowSet(allowed.tolist())
