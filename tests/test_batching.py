@@ -93,7 +93,10 @@ def test_prompts_together_give_what_they_give_alone(generator, unified, shared_h
     head off, most answers are identical; with it on (the burst shares the chat template's
     head, evaluated once), each prompt's remaining ten-odd tokens are read in a batch of
     fifty instead of alone, and llama.cpp's CPU kernels take another path by batch size, so
-    more answers may move: every divergence must still fall on a near-tie."""
+    more answers may move: every divergence must still fall on a near-tie.  In a unified
+    cache every sequence's attention runs over the whole pool (masked), a shape that rounds
+    differently from the same sequence alone on some CPUs (with AVX-512, 4 of 5 answers move
+    here, each at a near-tie), so "most answers unchanged" is asserted for split streams."""
     prefix_min = 16 if shared_head else 10**6
     alone = [_alone(generator, p, unified=unified, prefix_min=prefix_min) for p in PROMPTS]
     exact = 0
@@ -114,7 +117,7 @@ def test_prompts_together_give_what_they_give_alone(generator, unified, shared_h
         same_or_near_tie(trace, engine.traces[i])
         exact += result.answer == want
         assert "".join(calls.pieces[i]).strip() == result.answer, "streamed pieces differ"
-    if not shared_head:
+    if not shared_head and not unified:
         assert exact >= len(PROMPTS) - 2, "most answers must not change at all"
     assert stats["tokens_out"] == sum(o.result.completion_tokens for o in out.values()
                                       if o.result)
