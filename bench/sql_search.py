@@ -103,9 +103,17 @@ def job_times(dsn: str, since: float) -> dict[str, float]:
         row = conn.execute(
             "SELECT " + ", ".join(med(e) for e in exprs) + ", count(*) FROM themis.jobs "
             "WHERE kind = 'search' AND created_at >= to_timestamp(%s)", (since,)).fetchone()
+        # the slowest jobs, to tell a slow worker from a slow caller in the latency tail
+        slow = conn.execute(
+            f"SELECT {exprs[0]}, {exprs[1]} FROM themis.jobs WHERE kind = 'search' AND "
+            "created_at >= to_timestamp(%s) "
+            "ORDER BY finished_at - created_at DESC NULLS LAST LIMIT 5",
+            (since,)).fetchall()
     assert row is not None
     return {"job_wait_ms": float(row[0] or 0), "job_service_ms": float(row[1] or 0),
-            "jobs": int(row[2])}
+            "jobs": int(row[2]),
+            "slowest_jobs_wait_service_ms": [[round(float(a or 0), 1), round(float(b or 0), 1)]
+                                             for a, b in slow]}
 
 
 def search_figures(dsn: str) -> dict[str, float]:
@@ -159,7 +167,8 @@ def timed(run: Callable[[psycopg.Connection[Any], int], None], dsn: str, clients
         raise errors[0]
     flat = [x for xs in lat for x in xs]
     return {"clients": clients, "calls": len(flat), "p50_ms": statistics.median(flat),
-            "p99_ms": float(np.percentile(flat, 99)), "queries_per_s": len(flat) / wall}
+            "p99_ms": float(np.percentile(flat, 99)), "queries_per_s": len(flat) / wall,
+            "slowest_calls_ms": [round(x, 1) for x in sorted(flat)[-5:][::-1]]}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +205,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["change"] = {"rows": 1000, "next_call_ms": (time.perf_counter() - t0) * 1000,
                          "found": top is not None and top[0] == new[123]}
         log.info("a committed 1,000-row change: %s", out["change"])
+        if args.themis_only:
+            out["stats"] = one(conn, "SELECT themis_stats()")
+            return out
         vectors = [str(one(conn, "SELECT themis_embed(%s)::text", t))
                    for t in texts[: args.calls + 50]]
         conn.execute("SET maintenance_work_mem = '8GB'")
@@ -234,10 +246,16 @@ def report(out: dict[str, Any]) -> None:
                     f"{r['topk_ms_per_batch']:.2f}" if "jobs" in r else "– | – | – | – | –")
             print(f"| {name} | {r['clients']} | {r['calls']} | {r['p50_ms']:.2f} | "
                   f"{r['p99_ms']:.2f} | {r['queries_per_s']:.0f} | {jobs} |")
+    for name, r in out.items():
+        if isinstance(r, dict) and "slowest_calls_ms" in r:
+            print(f"\n{name}: slowest calls {r['slowest_calls_ms']} ms" + (
+                f"; slowest jobs (wait, service) {r['slowest_jobs_wait_service_ms']} ms"
+                if "slowest_jobs_wait_service_ms" in r else ""))
     ch = out["change"]
     print(f"\nA committed {ch['rows']}-row change: the next call took {ch['next_call_ms']:.0f} "
-          f"ms and {'found' if ch['found'] else 'DID NOT find'} a new row. HNSW build "
-          f"{out['hnsw_build_s']:.1f} s.\n\nthemis_stats() at the end:\n")
+          f"ms and {'found' if ch['found'] else 'DID NOT find'} a new row."
+          + (f" HNSW build {out['hnsw_build_s']:.1f} s." if "hnsw_build_s" in out else "")
+          + "\n\nthemis_stats() at the end:\n")
     print(json.dumps(out["stats"], indent=1)[:3000])
 
 
@@ -254,6 +272,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--build-workers", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--themis-only", action="store_true",
+                    help="skip pgvector (a second worker setting on the same rows)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.fill is not None:

@@ -159,6 +159,27 @@ def test_dropped_bus_and_listener_connections_are_survived(rag_db):
     assert time.monotonic() - started < 10
 
 
+def test_the_search_lane_hears_its_jobs_itself_and_again_after_a_reconnect(corpus_db,
+                                                                           start_worker):
+    """The search lane LISTENs on its own connection (no hop through the listener thread).
+    With a 60 s poll, only that notification can get a search claimed within the calls'
+    10 s timeout, before and after the worker's connections are cut."""
+    start_worker(corpus_db, env={"THEMIS_POLL_INTERVAL": "60"}, kinds="search,embed")
+
+    def searches() -> None:
+        for _ in range(3):
+            started = time.monotonic()
+            assert one(corpus_db, "SELECT count(*) FROM themis_search(%s, 2, 10)", (TLS,)) == 2
+            assert time.monotonic() - started < 10
+
+    searches()
+    with psycopg.connect(corpus_db, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = 'themis_worker' "
+                     "AND datname = current_database()")
+    searches()
+
+
 def test_job_that_cannot_succeed_fails_once_and_the_worker_serves_on(rag_db):
     huge = "word " * 20000  # far beyond the 2048-token test context
     state, message = sqlstate_of(rag_db, "SELECT themis_generate(%s, 16)", (huge,))

@@ -288,3 +288,22 @@ def test_gpu_near_ties_the_bound_cannot_certify(b, cap, monkeypatch):
     for g in got:
         assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
         assert all(abs(full32[i] - s) < 1e-6 for i, s in g)
+
+
+@pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("rows", [0, 5, 3000])
+def test_warm_up_runs_on_any_store_and_changes_no_answer(kind, rows):
+    """warm_up (run after every load) takes each search path once: on an empty or tiny store
+    too, and the store answers exactly as before it."""
+    rng = np.random.default_rng(9)
+    matrix = clustered(rng, rows, 64, 20) if rows else np.zeros((0, 64), np.float32)
+    ids = np.arange(10, 10 + rows, dtype=np.int64)
+    store = make_store(kind, 64)
+    store.replace_all(ids, matrix)
+    queries = unit(rng, 3, 64)
+    before = store.search(queries, 10)
+    store.warm_up()
+    assert len(store) == rows
+    assert store.search(queries, 10) == before
+    if rows:
+        assert recall(before, reference(matrix, ids, queries, min(10, rows))) == 1.0

@@ -568,6 +568,30 @@ class CupyStore(RowMap):
             scores_h = cp.asnumpy(scores)
         return hits(self._ids, rows_h, scores_h)
 
+    def warm_up(self) -> None:
+        """Each search path once, on random queries over the loaded rows (results dropped).
+        CuPy compiles a kernel at its first use (NVRTC; with a cold kernel cache, as on a new
+        container: the first worker of a bench/gpu/sql_path.sh run spent 7 s more in top-k
+        than the next ones, on the same queries), and cuBLAS sets up at its first GEMM."""
+        if self._size == 0:
+            return
+        cp = self._cp
+        rng = np.random.default_rng(0)
+        queries = rng.standard_normal((8, self.dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        cursor = SearchFilter(below=0.0, exclude=frozenset())
+        k = min(10, self._size)
+        best = self.search(queries[:1], k)[0]  # one query: the one-pass scan, small rescoring
+        self.search(queries[:1], 100)  # many candidates: the sorting rescoring
+        self.search(queries, 40)  # a batch: the GEMM path
+        self.search(queries[:2], 40, [cursor, None])  # a paged round: the exact scan
+        with cp.cuda.Device(self.device_id):
+            q32 = cp.asarray(queries[:1])
+            # the near-tie pass on the few rows within the bound of the k-th score (transient
+            # memory in proportion to them, not to the matrix)
+            self._near_ties(q32, cp.full(1, best[-1][1], cp.float32), k)
+            cp.cuda.Device().synchronize()
+
     def _subset_top(self, q: Any, rows: Any, k: int,
                     flt: SearchFilter | None = None) -> tuple[Any, Any]:
         """The best k of ``rows`` (ascending, on the device) for one query ``q`` (dim,), scored
@@ -669,6 +693,8 @@ class CupyStore(RowMap):
         scores = cp.full((t, k), -cp.inf, cp.float32)
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         too_many = [j for j in range(t) if counts[j] > THRESHOLD_SHARE * size]
+        log.debug("near-ties: rows within the bound per query %s (%d to the exact scan)",
+                  counts, len(too_many))
         for j in range(t):
             if counts[j] <= THRESHOLD_SHARE * size:
                 rows[j], scores[j] = self._subset_top(

@@ -167,14 +167,18 @@ class EmbeddingIndex:
             meta, ids, vectors = restored
             watermark, seen, unembedded = meta.watermark, dict(meta.seen), set(meta.pending)
         self.store.replace_all(ids, vectors)
+        warm = time.perf_counter()
+        self.store.warm_up()
+        warm_ms = (time.perf_counter() - warm) * 1000
         self.watermark, self._seen = int(watermark), seen
         self._pending = unembedded
         self._server_start = server_start
         self.last_load_ms = (time.perf_counter() - started) * 1000
         self.last_load_source = "database" if restored is None else "snapshot"
         self._dirty = restored is None
-        log.info("loaded %d embeddings (dim %d) from the %s in %.1f ms", len(self.store),
-                 self.dim, self.last_load_source, self.last_load_ms)
+        log.info("loaded %d embeddings (dim %d) from the %s in %.1f ms (%.1f ms of it "
+                 "warming up the search paths)", len(self.store), self.dim,
+                 self.last_load_source, self.last_load_ms, warm_ms)
         if restored is None and self.snapshots is not None and self.connect is not None:
             self.snapshots.save_in_background(self.connect, self._snapshot_meta(),
                                               *self.store.export())

@@ -112,6 +112,11 @@ class VectorStore(Protocol):
         """The best ``n`` (id, score) per unit-norm query, best first, ties by lower row."""
         ...
 
+    def warm_up(self) -> None:
+        """Run every search path once on the loaded rows, so that the first callers after a
+        start pay no one-time cost (a GPU store compiles its kernels at first use)."""
+        ...
+
 
 def hits(ids: IdArray, rows: npt.NDArray[np.int64],
          scores: npt.NDArray[np.float32]) -> list[list[Hit]]:
@@ -295,6 +300,9 @@ class NumpyStore(RowMap):
 
     def _move(self, dst: int, src: int) -> None:
         self._matrix[dst] = self._matrix[src]
+
+    def warm_up(self) -> None:
+        """Nothing to prepare: NumPy's paths have no first-use cost worth paying early."""
 
     def search(self, queries: FloatArray, n: int,
                filters: Sequence[SearchFilter | None] | None = None) -> list[list[Hit]]:

@@ -54,9 +54,8 @@ class Listener:
     def _on_notify(self, channel: str, payload: str, claimed_cancels: set[int]) -> None:
         if channel == "themis_jobs":
             for lane in self.lanes:
-                if payload in lane.kinds or not payload:
-                    lane.notified.set()
-                    lane.wake.set()
+                if not lane.listens:  # a listening lane hears it on its own connection
+                    lane.on_notify(channel, payload)
         elif channel == "themis_cancel":
             try:
                 job_id = int(payload)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Protocol
+
+
+class Wakeable(Protocol):
+    def set(self) -> None: ...
 
 
 class JobRegistry:
@@ -13,7 +18,7 @@ class JobRegistry:
         self._lock = threading.Lock()
         self._active: set[int] = set()
         self._cancelled: set[int] = set()
-        self.wakes: list[threading.Event] = []
+        self.wakes: list[Wakeable] = []
 
     def start(self, ids: Sequence[int]) -> None:
         with self._lock:

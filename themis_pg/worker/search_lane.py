@@ -42,6 +42,7 @@ def decode_vector(text: str, dim: int) -> np.ndarray[Any, Any]:
 
 class SearchLane(Lane):
     kinds = ("search", "embed")
+    listens = True  # a search's latency is the product: no hop through the listener
 
     @property
     def filters(self) -> FilterCache:
@@ -49,6 +50,16 @@ class SearchLane(Lane):
 
     def on_connect(self, conn: psycopg.Connection[Any]) -> None:
         register_vector(conn)  # embeddings arrive as NumPy arrays
+
+    def prepare(self) -> None:
+        """One embedding before the first job, on this thread (the only one that embeds: an
+        OpenMP build of ggml keeps a thread team per calling thread, and measured slower
+        when two threads take turns): llama.cpp's first call sets up its buffers (and on a
+        GPU, cuBLAS), which the first caller should not wait for."""
+        try:
+            self.worker.embedder.embed(["themis warm-up"])
+        except Exception:  # each search would fail the same way, with its reason
+            log.exception("the embedding model's warm-up failed")
 
     def step(self) -> bool:
         worker = self.worker
@@ -175,6 +186,10 @@ class SearchLane(Lane):
         t2 = time.perf_counter()
         embed_ms = (t1 - t0) * 1000 / max(len(to_embed), 1)
         worker.count_search(len(usable), (t2 - t1) * 1000, (t1 - t0) * 1000)
+        log.debug("search batch: %d queries (%d embedded, %d filtered), n %d: embed %.2f ms, "
+                  "top-k %.2f ms", len(usable), len(to_embed),
+                  sum(f is not None for f in filters), width, (t1 - t0) * 1000,
+                  (t2 - t1) * 1000)
         done = []
         for i, found in zip(usable, hits, strict=True):
             job, payload = searches[i]

@@ -1,0 +1,87 @@
+"""How long one query's embedding takes, by llama.cpp thread count and by calling thread.
+
+The worker embeds a search's query on its search lane, a thread that sleeps between jobs;
+a benchmark's in-process peer embeds on its main thread, back to back.  With an OpenMP build
+of ggml the two differ by several milliseconds on a small CPU (the thread team goes to
+sleep in a gap and is woken per parallel region), so this probe times the same short texts
+
+* on the main thread, back to back;
+* on the main thread with a gap of ``--gap-ms`` between calls;
+* on a second thread with the same gaps (what the search lane does);
+
+for each ``--threads`` value (``0``: llama-cpp-python's default), and prints a table.
+
+    python bench/probe_embed_threads.py --model emb.gguf --threads 0,1,2 [--gpu-layers -1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from themis_pg.generation import load_llama_first
+
+load_llama_first()
+
+from themis_pg.embedding import Embedder  # noqa: E402
+
+WORDS = ("key", "rotate", "certificate", "server", "client", "vacuum", "replica", "backup")
+
+
+def texts(n: int) -> list[str]:
+    """Distinct short queries, so no layer can reuse a previous call."""
+    return [f"how do I {WORDS[i % 8]} the {WORDS[(i // 8) % 8]} number {i}" for i in range(n)]
+
+
+def timed(embedder: Embedder, queries: list[str], gap_s: float) -> list[float]:
+    out = []
+    for q in queries:
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        embedder.embed([q])
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def on_thread(fn: Callable[[], list[float]]) -> list[float]:
+    box: list[list[float]] = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--threads", default="0,1,2")
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--gap-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    queries = texts(args.calls)
+    print("| threads | main, back to back p50 ms | main, gaps p50 ms | "
+          "second thread, gaps p50 ms | second thread, gaps p90 ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for t in [int(x) for x in args.threads.split(",")]:
+        embedder = Embedder(args.model, "probe", n_threads=t or None,
+                            n_gpu_layers=args.gpu_layers)
+        try:
+            timed(embedder, queries[:5], 0)  # warm-up
+            a = timed(embedder, queries, 0)
+            b = timed(embedder, queries, args.gap_ms / 1000)
+            c = on_thread(lambda e=embedder: timed(e, queries, args.gap_ms / 1000))
+        finally:
+            embedder.close()
+        c90 = statistics.quantiles(c, n=10)[-1]
+        print(f"| {t or 'default'} | {statistics.median(a):.2f} | {statistics.median(b):.2f} "
+              f"| {statistics.median(c):.2f} | {c90:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
