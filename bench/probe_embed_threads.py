@@ -17,6 +17,7 @@ for each ``--threads`` value (``0``: llama-cpp-python's default), and prints a t
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import threading
 import time
@@ -75,7 +76,7 @@ def main() -> None:
             timed(embedder, queries[:5], 0)  # warm-up
             a = timed(embedder, queries, 0)
             b = timed(embedder, queries, args.gap_ms / 1000)
-            c = on_thread(lambda e=embedder: timed(e, queries, args.gap_ms / 1000))
+            c = on_thread(functools.partial(timed, embedder, queries, args.gap_ms / 1000))
         finally:
             embedder.close()
         c90 = statistics.quantiles(c, n=10)[-1]

@@ -91,7 +91,7 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
     return row[0]
 
 
-def job_times(dsn: str, since: float) -> dict[str, float]:
+def job_times(dsn: str, since: float) -> dict[str, Any]:
     """Medians (ms) of queue wait and worker service over the search jobs since ``since``:
     where a call's time goes besides the bus and SPI."""
     def med(expr: str) -> str:
