@@ -44,6 +44,7 @@ the device, never from the host), so an insert costs O(1) amortised.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -688,10 +689,13 @@ class CupyStore(RowMap):
         if len(which) > 1:  # chunks interleave the queries: order by query, then row
             key = cp.sort(key)
         which_all, cols_all = key // size, key % size
-        counts = cp.bincount(which_all, minlength=t).tolist()
+        # Where each query's rows start (which_all ascends).  Not cp.bincount: with a cold
+        # kernel cache it compiled for 3-4 s per distinct number of queries
+        # (bench/gpu/probe_first_use.py, H200 2026-12-02).
+        starts = cp.searchsorted(which_all, cp.arange(t + 1)).tolist()
+        counts = [b - a for a, b in itertools.pairwise(starts)]
         rows = cp.full((t, k), -1, cp.int64)
         scores = cp.full((t, k), -cp.inf, cp.float32)
-        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         too_many = [j for j in range(t) if counts[j] > THRESHOLD_SHARE * size]
         log.debug("near-ties: rows within the bound per query %s (%d to the exact scan)",
                   counts, len(too_many))
