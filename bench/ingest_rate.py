@@ -9,7 +9,7 @@ longer window does quadratic work for nothing).  This bench embeds the sample co
 * the default model (f16), as ingest runs it;
 * the same model quantized to Q8_0 (``llama_model_quantize``), with the cosine of its
   vectors to the f16 ones (how much quantizing moves the embeddings);
-* a larger window per pass (``--window``);
+* a larger window per pass (``--window``), and both windows with flash attention;
 
 and prints chunks/s and tokens/s for each.
 
@@ -54,9 +54,9 @@ def quantize(src: Path, dst: Path, ftype: int) -> None:
 
 
 def rate(model: Path, chunks: list[str], threads: int, gpu_layers: int,
-         window: int, batch: int) -> tuple[float, float, np.ndarray]:
+         window: int, batch: int, flash: bool) -> tuple[float, float, np.ndarray]:
     embedder = Embedder(model, "bench", n_threads=threads or None, n_ctx=window,
-                        n_gpu_layers=gpu_layers)
+                        n_gpu_layers=gpu_layers, flash_attn=flash)
     try:
         tokens = sum(min(embedder.count_tokens(c), embedder.max_tokens) for c in chunks)
         embedder.embed(chunks[:batch])  # warm-up
@@ -93,15 +93,19 @@ def main() -> None:
     print("| variant | chunks/s | tokens/s | x default | cosine to f16 (min / mean) |")
     print("| --- | ---: | ---: | ---: | --- |")
     base_rate, base_tok, base = rate(model, chunks, args.threads, args.gpu_layers, 512,
-                                    args.batch)
-    print(f"| f16, 512-token passes (ingest today) | {base_rate:.1f} | {base_tok:.0f} | 1.00 | – |",
-          flush=True)
+                                    args.batch, False)
+    print(f"| f16, 512-token passes, no flash attention | {base_rate:.1f} | {base_tok:.0f} "
+          "| 1.00 | – |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         q8 = Path(tmp) / "q8_0.gguf"
         quantize(model, q8, llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)
-        for name, path, window in [("Q8_0, 512-token passes", q8, 512),
-                                   (f"f16, {args.window}-token passes", model, args.window)]:
-            r, tok, vec = rate(path, chunks, args.threads, args.gpu_layers, window, args.batch)
+        for name, path, window, flash in [
+                ("Q8_0, 512-token passes", q8, 512, False),
+                (f"f16, {args.window}-token passes", model, args.window, False),
+                ("f16, 512-token passes, flash attention", model, 512, True),
+                (f"f16, {args.window}-token passes, flash attention", model, args.window, True)]:
+            r, tok, vec = rate(path, chunks, args.threads, args.gpu_layers, window, args.batch,
+                               flash)
             cos = np.sum(vec * base, axis=1)
             print(f"| {name} | {r:.1f} | {tok:.0f} | {r / base_rate:.2f} | "
                   f"{cos.min():.4f} / {cos.mean():.4f} |", flush=True)

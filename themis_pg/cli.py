@@ -191,7 +191,8 @@ def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
 
     rec = get_model(conn, "embedding", name or ctx.settings.embedding_model or None)
     return Embedder(verify_registered_model(rec, cache_dir=ctx.settings.model_cache), rec.name,
-                    n_threads=ctx.settings.n_threads, n_gpu_layers=ctx.settings.n_gpu_layers)
+                    n_threads=ctx.settings.n_threads, n_gpu_layers=ctx.settings.n_gpu_layers,
+                    flash_attn=ctx.settings.embedding_flash_attn)
 
 
 # -- LoRA adapters -----------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class Worker:
         # The embedding model is small (and says the dimension); everything large is counted
         # before it is allocated, and a plan over the budget is a clear refusal.
         self.embedder = Embedder(emb_path, emb.name, n_threads=settings.n_threads,
-                                 n_gpu_layers=settings.n_gpu_layers)
+                                 n_gpu_layers=settings.n_gpu_layers,
+                                 flash_attn=settings.embedding_flash_attn)
         store = make_store(self.embedder.dim, settings.retrieval_device)
         self.memory = plan_worker_memory(
             store_device=store.device, rows=rows, dim=store.dim, embedding_model=emb_path,
