@@ -253,4 +253,3 @@ class _BatchArrays:
 
     def release(self) -> None:
         self._pointers[:] = self._original
-

@@ -58,11 +58,9 @@ class Wakeup:
     def clear(self) -> None:
         """Only the waiting thread clears (a set() racing this is seen by ``is_set``)."""
         self._flag.clear()
-        try:
+        with contextlib.suppress(BlockingIOError):  # drained
             while os.read(self._read, 4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def is_set(self) -> bool:
         return self._flag.is_set()

@@ -14,7 +14,7 @@ import psycopg
 
 from ..bus.jobs import JobStore
 from .connections import ManagedConnection
-from .lane import Lane
+from .lane import JOBS_CHANNEL, Lane
 
 if TYPE_CHECKING:
     from .process import Worker
@@ -29,7 +29,7 @@ class Listener:
         self.db = ManagedConnection(worker.dsn, "listener", worker.stopping, self._listen_on)
 
     def _listen_on(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("LISTEN themis_jobs")
+        conn.execute(f"LISTEN {JOBS_CHANNEL}")
         conn.execute("LISTEN themis_cancel")
         for lane in self.lanes:  # whatever was queued while we were not listening
             lane.notified.set()
@@ -52,7 +52,7 @@ class Listener:
         self.db.close()
 
     def _on_notify(self, channel: str, payload: str, claimed_cancels: set[int]) -> None:
-        if channel == "themis_jobs":
+        if channel == JOBS_CHANNEL:
             for lane in self.lanes:
                 if not lane.listens:  # a listening lane hears it on its own connection
                     lane.on_notify(channel, payload)

@@ -186,10 +186,11 @@ class SearchLane(Lane):
         t2 = time.perf_counter()
         embed_ms = (t1 - t0) * 1000 / max(len(to_embed), 1)
         worker.count_search(len(usable), (t2 - t1) * 1000, (t1 - t0) * 1000)
-        log.debug("search batch: %d queries (%d embedded, %d filtered), n %d: embed %.2f ms, "
-                  "top-k %.2f ms", len(usable), len(to_embed),
-                  sum(f is not None for f in filters), width, (t1 - t0) * 1000,
-                  (t2 - t1) * 1000)
+        if log.isEnabledFor(logging.DEBUG):  # the count is work on every batch otherwise
+            log.debug("search batch: %d queries (%d embedded, %d filtered), n %d: embed "
+                      "%.2f ms, top-k %.2f ms", len(usable), len(to_embed),
+                      sum(f is not None for f in filters), width, (t1 - t0) * 1000,
+                      (t2 - t1) * 1000)
         done = []
         for i, found in zip(usable, hits, strict=True):
             job, payload = searches[i]
