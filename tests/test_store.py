@@ -132,6 +132,27 @@ def test_empty_store_and_small_corpora(kind):
 
 
 @pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("rows", [1, 17, 26, 27, 100])
+def test_corpora_about_k_plus_margin_rows(kind, rows):
+    """Around k + MARGIN rows, every row is a candidate (nothing to certify) or only just
+    not: the one-pass scan (1 query) and the GEMM path (3 queries), k below, at and above
+    the row count, against the float64 reference."""
+    rng = np.random.default_rng(rows)
+    dim = 32
+    matrix = clustered(rng, rows, dim, 4)
+    ids = np.arange(100, 100 + rows, dtype=np.int64)
+    store = make_store(kind, dim)
+    store.replace_all(ids, matrix)
+    queries = np.concatenate([matrix[:1], unit(rng, 2, dim)])
+    for b, k in itertools.product((1, 3), (1, 10, 26, 40)):
+        got = store.search(queries[:b], k)
+        want = reference(matrix, ids, queries[:b], min(k, rows))
+        assert [len(g) for g in got] == [min(k, rows)] * b
+        assert recall(got, want) == 1.0
+        assert got[0][0][0] == 100, "the query equal to the first row finds it first"
+
+
+@pytest.mark.parametrize("kind", STORES)
 def test_allow_restricts_to_matching_ids(kind):
     """A metadata filter's matches: k of them come back whenever k match, fewer only when
     fewer match, never another row."""
@@ -218,19 +239,23 @@ def test_export_and_host_buffer_round_trip(kind):
         [[i for i, _ in h] for h in store.search(q, 5)]
 
 
-@pytest.mark.parametrize("path", ["scan", "gemm"])
+@pytest.mark.parametrize("path", ["scan", "gemm", "gemm in chunks"])
 @pytest.mark.parametrize("b", [1, 4, 5])
 @pytest.mark.parametrize("dim", [384, 768, 12])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
 def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
     """The one-pass scan (small batches; many blocks, a partial last block) and the GEMM
-    path (forced by SMALL_BATCH = 0) against the float64 reference.  dim 12 is not a multiple
-    of 8: it always takes the GEMM path."""
+    path (forced by SMALL_BATCH = 0; in chunks: score blocks of 1 MiB, so several chunks'
+    candidates meet in the merge) against the float64 reference, k = 1 and 10 through the
+    fused merge (merge_rank), k = 100 through the separate selections.  dim 12 is not a
+    multiple of 8: it always takes the GEMM path."""
     from themis_pg.retrieval import cupy_store
 
-    if path == "gemm":
+    if path != "scan":
         monkeypatch.setattr(cupy_store, "SMALL_BATCH", 0)
+    if path == "gemm in chunks":
+        monkeypatch.setattr(cupy_store, "CHUNK_BYTES", 1 << 20)
     rng = np.random.default_rng(b * 1000 + dim)
     n = 150_001
     matrix = clustered(rng, n, dim, 300)
@@ -248,15 +273,16 @@ def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
             assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
 
 
+@pytest.mark.parametrize("k", [10, 50])
 @pytest.mark.parametrize("b", [1, 8])
 @pytest.mark.parametrize("cap", ["near-ties rescored", "too many: exact scan"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
-def test_gpu_near_ties_the_bound_cannot_certify(b, cap, monkeypatch):
+def test_gpu_near_ties_the_bound_cannot_certify(b, cap, k, monkeypatch):
     """Thousands of rows within fp16 rounding of each other around the query: the candidates
     cannot be certified, so the store must collect every row within the bound of the k-th
     score and rescore those in fp32 (or scan exactly when there are more than its share),
-    and still return the fp32 order."""
+    and still return the fp32 order.  k = 10 certifies in merge_rank, k = 50 apart."""
     from themis_pg.retrieval import cupy_store
 
     rng = np.random.default_rng(3)
@@ -280,10 +306,10 @@ def test_gpu_near_ties_the_bound_cannot_certify(b, cap, monkeypatch):
 
         monkeypatch.setattr(store, attr, spy)
     queries = np.repeat(center[None, :], b, axis=0)
-    got = store.search(queries, 50)
+    got = store.search(queries, k)
     assert calls["near"] == [b], "the near-ties should not have been certified"
     assert calls["exact"] == ([] if cap == "near-ties rescored" else [b])
-    assert recall(got, reference(matrix, ids, queries, 50)) == 1.0
+    assert recall(got, reference(matrix, ids, queries, k)) == 1.0
     full32 = matrix @ center  # fp32 sums in another order: equal to about 1e-7
     for g in got:
         assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))

@@ -14,8 +14,10 @@ One search of ``b`` queries:
    read of the score block, and the selection (``radix_topk``, a radix select kernel) runs
    over ``rows / GROUP`` values instead of ``rows``: this is what keeps selection near the
    matmul's cost where a plain argpartition over all scores costs 20-50x the matmul (GPU.md);
-3. the rows of those groups are ranked by their fp16 scores, the best ``k + margin`` of them
-   are rescored exactly in fp32, and the best k returned.
+3. the rows of those groups (``gather_groups``) are ranked by their fp16 scores, the best
+   ``k + margin`` of them are rescored exactly in fp32, and the best k returned; for the
+   usual k (``k + margin <= MERGE_MAX``) this step and the certificate below are one kernel,
+   ``merge_rank``, so a search is a handful of launches and one sync.
 
 Exactness is checked, not assumed.  Every row's approximate score is within ``eps`` of its
 exact fp32 score (rounding a unit vector to fp16 moves a dot product with a unit query by at
@@ -36,7 +38,8 @@ their row numbers are mapped once per store layout and kept with the filter's ``
 
 Small batches (up to ``SMALL_BATCH`` queries) take one pass: ``scan_select`` scores a block of
 rows against the queries in shared memory and keeps the block's best candidates, so no score
-matrix is written; the blocks' candidates are merged by two radix selections.
+matrix is written; ``merge_rank`` selects from all the blocks' candidates at once (a larger k
+merges them by two radix selections first).
 
 Rows are swap-deleted and the matrix grows geometrically (capacity doubles; a grow copies on
 the device, never from the host), so an insert costs O(1) amortised.
@@ -80,28 +83,31 @@ CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
 # writes out every index above it and as many equal to it as k needs.  One block per row;
 # the rows are short here (group maxima, candidate lists), so they stay in L1/L2 between
 # passes.  This replaces argpartition, which sorts and costs a multiple of the matmul.
-_RADIX_TOPK = r"""
+# ``_SELECT`` holds the block-wide steps; ``radix_topk`` writes the indices to global memory,
+# ``merge_rank`` (below) keeps them in shared memory.
+_SELECT = r"""
 __device__ __forceinline__ unsigned int key_of(float f) {
     unsigned int u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-/* One block (a multiple of 32 threads) per row.  Atomics are aggregated per warp: the values
-   of one row share their top bits, so plain per-thread atomics would all hit one counter. */
-extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, const int k,
-                                      long long* __restrict__ out) {
-    const float* row = x + (long long)blockIdx.x * n;
-    long long* dst = out + (long long)blockIdx.x * k;
+__device__ __forceinline__ float float_of(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+/* Block-wide (a multiple of 32 threads, all call it): st[0] = the key of the k-th largest of
+   row[0..n) (k <= n), st[2] = how many keys equal to it belong to the k largest.  Atomics are
+   aggregated per warp: the values of one row share their top bits, so plain per-thread
+   atomics would all hit one counter. */
+__device__ void kth_key(const float* __restrict__ row, const int n, const int k,
+                        unsigned int* hist, unsigned int* st) {
     const unsigned int lane = threadIdx.x & 31u;
-    __shared__ unsigned int hist[256];
-    __shared__ unsigned int prefix, mask;
-    __shared__ int need, n_gt, n_eq;
-    if (threadIdx.x == 0) { prefix = 0u; mask = 0u; need = k; }
+    if (threadIdx.x == 0) { st[0] = 0u; st[1] = 0u; st[2] = (unsigned int)k; }
     __syncthreads();
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
         __syncthreads();
-        const unsigned int p = prefix, m = mask;
+        const unsigned int p = st[0], m = st[1];
         const int step = 4 * blockDim.x;  /* four loads in flight per thread */
         for (int base = 0; base < n; base += step) {
             float v[4];
@@ -125,23 +131,31 @@ extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, 
         }
         __syncthreads();
         if (threadIdx.x == 0) {
-            int left = need;
+            int left = (int)st[2];
             int digit = 255;
             for (; digit > 0; --digit) {
                 const int c = (int)hist[digit];
                 if (c >= left) break;
                 left -= c;
             }
-            prefix = p | ((unsigned int)digit << shift);
-            mask = m | (255u << shift);
-            need = left;          /* how many keys equal to the final prefix to take */
+            st[0] = p | ((unsigned int)digit << shift);
+            st[1] = m | (255u << shift);
+            st[2] = (unsigned int)left;  /* how many keys equal to the final prefix to take */
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) { n_gt = 0; n_eq = 0; }
+}
+
+/* Block-wide, after kth_key: dst[0..k) = the indices of the k largest of row[0..n)
+   (unordered; ties at the k-th taken in no particular order).  count: two shared ints. */
+template <typename T>
+__device__ void collect_top(const float* __restrict__ row, const int n, const int k,
+                            const unsigned int* st, T* dst, int* count) {
+    const unsigned int lane = threadIdx.x & 31u;
+    if (threadIdx.x == 0) { count[0] = 0; count[1] = 0; }
     __syncthreads();
-    const unsigned int kth = prefix;
-    const int take_eq = need, first_eq = k - need;
+    const unsigned int kth = st[0];
+    const int take_eq = (int)st[2], first_eq = k - take_eq;
     const unsigned int below = (1u << lane) - 1u;
     for (int base = 0; base < n; base += blockDim.x) {
         const int i = base + threadIdx.x;
@@ -152,17 +166,55 @@ extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, 
         const unsigned int eqs = __ballot_sync(0xffffffffu, eq);
         int gt_base = 0, eq_base = 0;
         if (lane == 0) {
-            if (gts) gt_base = atomicAdd(&n_gt, __popc(gts));
-            if (eqs) eq_base = atomicAdd(&n_eq, __popc(eqs));
+            if (gts) gt_base = atomicAdd(&count[0], __popc(gts));
+            if (eqs) eq_base = atomicAdd(&count[1], __popc(eqs));
         }
         gt_base = __shfl_sync(0xffffffffu, gt_base, 0);
         eq_base = __shfl_sync(0xffffffffu, eq_base, 0);
-        if (gt) dst[gt_base + __popc(gts & below)] = i;
+        if (gt) dst[gt_base + __popc(gts & below)] = (T)i;
         if (eq) {
             const int pos = eq_base + __popc(eqs & below);
-            if (pos < take_eq) dst[first_eq + pos] = i;
+            if (pos < take_eq) dst[first_eq + pos] = (T)i;
         }
     }
+    __syncthreads();
+}
+"""
+_RADIX_TOPK = _SELECT + r"""
+/* One block per row of x (b, n): the indices of its k largest values, unordered. */
+extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, const int k,
+                                      long long* __restrict__ out) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int st[3];
+    __shared__ int count[2];
+    const float* row = x + (long long)blockIdx.x * n;
+    kth_key(row, n, k, hist, st);
+    collect_top<long long>(row, n, k, st, out + (long long)blockIdx.x * k, count);
+}
+"""
+_GATHER_GROUPS = r"""
+#include <cuda_fp16.h>
+/* The candidates of one GEMM chunk: for query b and its g-th selected group (top[b, g], or
+   group g itself when every group is selected), the group's rows and their fp16 scores as
+   fp32 at columns off + g * group + lane of the candidate arrays (width w).  Columns past
+   `live` (the chunk's last, partial group) get row -1 and -inf.  One thread per candidate. */
+extern "C" __global__ void gather_groups(const __half* __restrict__ s, const long long ld,
+                                         const int live, const int group, const int sel,
+                                         const long long* __restrict__ top, const int every,
+                                         const long long start, const int b_count,
+                                         long long* __restrict__ cand_rows,
+                                         float* __restrict__ cand_scores, const long long w,
+                                         const long long off) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long per = (long long)sel * group;
+    if (t >= (long long)b_count * per) return;
+    const long long b = t / per, j = t % per;
+    const long long g = every ? j / group : top[b * sel + j / group];
+    const long long col = g * group + j % group;
+    const bool inside = col < live;
+    cand_rows[b * w + off + j] = inside ? start + col : -1LL;
+    cand_scores[b * w + off + j] =
+        inside ? __half2float(s[b * ld + col]) : __int_as_float(0xff800000);
 }
 """
 _GROUP_MAX = r"""
@@ -189,21 +241,20 @@ extern "C" __global__ void group_max(const __half* __restrict__ s, const long lo
     if (lane == 0) out[(long long)row * out_ld + out_offset + g] = best;
 }
 """
-_EXACT_RANK = r"""
-/* Exact fp32 scores of c candidate rows per query, then the best k in order (score
-   descending, row ascending) by ranking: every candidate counts those that beat it.  One block
-   per query; c <= 64.  Rows < 0 are no candidates (score -inf). */
-extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* __restrict__ full,
-                                      const long long* __restrict__ cand, const int c,
-                                      const int d, const int k, long long* __restrict__ out_rows,
-                                      float* __restrict__ out_scores) {
+_RESCORE_RANK = r"""
+/* Block-wide (all threads call it; c <= 64): exact fp32 scores of the candidate rows
+   cand[0..c) for the query qb (rows < 0 are no candidates: score -inf), then the best k in
+   order (score descending, row ascending) by ranking: every candidate counts those that beat
+   it.  Ranks from c to k - 1 (fewer candidates than k) get row -1 and -inf. */
+__device__ void rescore_rank(const float* __restrict__ qb, const float* __restrict__ full,
+                             const int d, const long long* cand, const int c, const int k,
+                             long long* __restrict__ dst_rows, float* __restrict__ dst_scores) {
     __shared__ float score[64];
     __shared__ long long rowv[64];
-    const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const float* qb = q + (long long)b * d;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float neg_inf = __int_as_float(0xff800000);
     for (int j = warp; j < c; j += warps) {
-        const long long r = cand[(long long)b * c + j];
+        const long long r = cand[j];
         float acc = 0.0f;
         if (r >= 0) {
             const float* v = full + r * d;
@@ -212,11 +263,15 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
         if (lane == 0) {
-            score[j] = r >= 0 ? acc : __int_as_float(0xff800000);
+            score[j] = r >= 0 ? acc : neg_inf;
             rowv[j] = r >= 0 ? r : 0x7fffffffffffffffLL;
         }
     }
     __syncthreads();
+    for (int j = c + threadIdx.x; j < k; j += blockDim.x) {
+        dst_rows[j] = -1;
+        dst_scores[j] = neg_inf;
+    }
     if (threadIdx.x < c) {
         const int j = threadIdx.x;
         const float s = score[j];
@@ -227,10 +282,65 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
             rank += (so > s) || (so == s && (rowv[o] < r || (rowv[o] == r && o < j)));
         }
         if (rank < k) {
-            out_rows[(long long)b * k + rank] = r == 0x7fffffffffffffffLL ? -1 : r;
-            out_scores[(long long)b * k + rank] = s;
+            dst_rows[rank] = r == 0x7fffffffffffffffLL ? -1 : r;
+            dst_scores[rank] = s;
         }
     }
+    __syncthreads();
+}
+"""
+_EXACT_RANK = _RESCORE_RANK + r"""
+/* One block per query: its c candidate rows (b, c) rescored and ranked. */
+extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* __restrict__ full,
+                                      const long long* __restrict__ cand, const int c,
+                                      const int d, const int k, long long* __restrict__ out_rows,
+                                      float* __restrict__ out_scores) {
+    const long long b = blockIdx.x;
+    rescore_rank(q + b * d, full, d, cand + b * c, c, k, out_rows + b * k, out_scores + b * k);
+}
+"""
+# The last step of a certified search, fused (one block per query, one launch for the batch):
+# select the best ``keep`` candidates by approximate score, rescore them exactly in fp32,
+# rank them and write the best k, with the certificate of the module doc: ok when the k-th
+# exact score is at least the lowest kept approximate score + eps.  Before, the same took
+# about ten CuPy launches from Python (two selections and their gathers, the rescoring, a
+# reduction, the compare) and a sync for the certificate.
+MERGE_MAX = 64  # most candidates one merge_rank block rescores (keep = k + MARGIN)
+_MERGE_RANK = _SELECT + _RESCORE_RANK + r"""
+extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
+                                      const float* __restrict__ cand_scores, const int w,
+                                      const int keep, const float* __restrict__ q,
+                                      const float* __restrict__ full, const int d, const int k,
+                                      const float eps, const int every_row,
+                                      long long* __restrict__ out_rows,
+                                      float* __restrict__ out_scores, int* __restrict__ ok) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int st[3];
+    __shared__ int count[2];
+    __shared__ int pick[64];
+    __shared__ long long chosen[64];
+    const long long b = blockIdx.x;
+    const float* approx = cand_scores + b * w;
+    const long long* rows = cand_rows + b * w;
+    const float neg_inf = __int_as_float(0xff800000);
+    /* fewer candidates than keep: every row of the matrix is one, nothing to certify */
+    const bool all = every_row || w < keep;
+    const int c = w < keep ? w : keep;
+    float lowest = neg_inf;
+    if (w < keep) {
+        for (int i = threadIdx.x; i < c; i += blockDim.x) pick[i] = i;
+        __syncthreads();
+    } else {
+        kth_key(approx, w, keep, hist, st);
+        collect_top<int>(approx, w, keep, st, pick, count);
+        lowest = float_of(st[0]);
+    }
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        chosen[j] = approx[pick[j]] == neg_inf ? -1LL : rows[pick[j]];
+    __syncthreads();
+    rescore_rank(q + b * d, full, d, chosen, c, k, out_rows + b * k, out_scores + b * k);
+    if (threadIdx.x == 0)
+        ok[b] = (all || c < k || out_scores[b * k + k - 1] >= lowest + eps) ? 1 : 0;
 }
 """
 _SCAN_SELECT = r"""
@@ -403,6 +513,7 @@ SMALL_KEEP = 128      # ... when k + margin is at most this
 SEGMENTS = 8          # first merge of the blocks' candidates: this many selections a query
 SMEM_BYTES = 48 * 1024  # dynamic shared memory of one scan_select block (no opt-in needed)
 SCAN_THREADS = 256
+MERGE_THREADS = 512   # one merge_rank block per query
 
 
 def scan_rows_per_block(rows: int, b: int, dim: int) -> int:
@@ -651,23 +762,45 @@ class CupyStore(RowMap):
         bound of its k-th score (``_near_ties``)."""
         cp = self._cp
         keep = min(k + MARGIN, self._size)
+        fused = keep <= MERGE_MAX  # the usual k: merge, rescoring and certificate in one kernel
         if self._small_ok(len(q32), keep):
-            cand, approx = self._candidates_scan(q32, keep)
+            cand, approx = self._candidates_scan(q32, keep, merged=not fused)
             eps = EPS_SCAN
         else:
-            cand, approx = self._candidates_gemm(q32, keep)
+            cand, approx = self._candidates_gemm(q32, keep, merged=not fused)
             eps = EPS_GEMM
-        rows, scores = self._exact_top(q32, cp.where(approx == -cp.inf, -1, cand), k)
-        # No other row can beat the k-th; a query with padding (-inf) among its candidates
-        # had every row as a candidate, and -inf + eps passes the test too.
-        if keep >= self._size or approx.shape[1] < keep:
-            return rows, scores
-        ok = scores[:, k - 1] >= approx.min(axis=1) + eps
-        todo = cp.flatnonzero(~ok)
-        if len(todo):  # one sync in the usual case, where every query is certified
+        if fused:
+            rows, scores, ok = self._merge_rank(q32, cand, approx, keep, k, eps)
+            todo = np.flatnonzero(cp.asnumpy(ok) == 0)  # the one sync of the usual case
+        else:
+            rows, scores = self._exact_top(q32, cp.where(approx == -cp.inf, -1, cand), k)
+            # No other row can beat the k-th; a query with padding (-inf) among its
+            # candidates had every row as a candidate, and -inf + eps passes the test too.
+            if keep >= self._size or approx.shape[1] < keep:
+                return rows, scores
+            ok = scores[:, k - 1] >= approx.min(axis=1) + eps
+            todo = cp.asnumpy(cp.flatnonzero(~ok))
+        if len(todo):
             log.debug("%d of %d queries not certified: near-ties", len(todo), len(q32))
-            rows[todo], scores[todo] = self._near_ties(q32[todo], scores[todo, k - 1], k)
+            at = cp.asarray(todo)
+            rows[at], scores[at] = self._near_ties(q32[at], scores[at, k - 1], k)
         return rows, scores
+
+    def _merge_rank(self, q32: Any, cand: Any, approx: Any, keep: int, k: int,
+                    eps: float) -> tuple[Any, Any, Any]:
+        """The best ``keep`` of each query's candidates (b, w) by approximate score, rescored
+        exactly, the best k in order: (rows, scores, ok) with ok[i] = 1 where the certificate
+        holds (one kernel, ``merge_rank``; keep <= MERGE_MAX)."""
+        cp = self._cp
+        b, w = cand.shape
+        rows = cp.empty((b, k), cp.int64)
+        scores = cp.empty((b, k), cp.float32)
+        ok = cp.empty(b, cp.int32)
+        _kernel(cp, _MERGE_RANK, "merge_rank")(
+            (b,), (MERGE_THREADS,),
+            (cand, approx, cp.int32(w), cp.int32(keep), q32, self._full, cp.int32(self.dim),
+             cp.int32(k), cp.float32(eps), cp.int32(keep >= self._size), rows, scores, ok))
+        return rows, scores, ok
 
     def _near_ties(self, q32: Any, kth: Any, k: int) -> tuple[Any, Any]:
         """The exact best k of each query (t, dim) whose k-th exact score so far is ``kth``
@@ -708,16 +841,17 @@ class CupyStore(RowMap):
             rows[at], scores[at] = self._search_exact(q32[at], k)
         return rows, scores
 
-    def _candidates_scan(self, q32: Any, keep: int) -> tuple[Any, Any]:
-        """The best ``keep`` rows per query by one pass over the fp16 matrix (scan_select),
-        their blocks' candidates merged by two radix selections; (rows, approximate scores),
-        -inf where there are fewer rows."""
+    def _candidates_scan(self, q32: Any, keep: int, merged: bool = True) -> tuple[Any, Any]:
+        """Candidate rows per query by one pass over the fp16 matrix (scan_select): each
+        block's best ``keep``, or with ``merged`` the best ``keep`` of them all, merged by two
+        radix selections; (rows, approximate scores), -inf where there are fewer rows."""
         cp = self._cp
         b = q32.shape[0]
         size = self._size
         per_block = scan_rows_per_block(size, b, self.dim)
         blocks = -(-size // per_block)
-        segments = SEGMENTS if blocks >= 2048 else 1  # one selection is fast to ~50k
+        # one selection is fast to ~50k; merge_rank selects from every block's candidates
+        segments = SEGMENTS if merged and blocks >= 2048 else 1
         blocks = -(-blocks // segments) * segments  # whole segments; extra blocks pad
         cand_rows = cp.empty((b, blocks * keep), cp.int64)
         cand_scores = cp.empty((b, blocks * keep), cp.float32)
@@ -733,16 +867,17 @@ class CupyStore(RowMap):
             pick = radix_topk(cp, seg_scores, keep)
             cand_rows = gather(cp, seg_rows, pick).reshape(b, -1)
             cand_scores = gather(cp, seg_scores, pick).reshape(b, -1)
-        if cand_scores.shape[1] > keep:
+        if merged and cand_scores.shape[1] > keep:
             pick = radix_topk(cp, cand_scores, keep)
             cand_rows = gather(cp, cand_rows, pick)
             cand_scores = gather(cp, cand_scores, pick)
         return cand_rows, cand_scores
 
-    def _candidates_gemm(self, q32: Any, keep: int) -> tuple[Any, Any]:
-        """The best ``keep`` rows per query, chunk by chunk: fp16 scores by one GEMM, the best
-        groups of the chunk by their maxima, their scores gathered while the chunk is at hand;
-        then one selection over all chunks' candidates.  (rows, approximate scores)."""
+    def _candidates_gemm(self, q32: Any, keep: int, merged: bool = True) -> tuple[Any, Any]:
+        """Candidate rows per query, chunk by chunk: fp16 scores by one GEMM, the best
+        ``keep`` groups of the chunk by their maxima, their rows and scores gathered while
+        the chunk is at hand (``gather_groups``); with ``merged``, then the best ``keep`` of
+        all chunks' candidates.  (rows, approximate scores), -inf past the last row."""
         cp = self._cp
         size = self._size
         b = q32.shape[0]
@@ -753,26 +888,32 @@ class CupyStore(RowMap):
         while size // group > TARGET_GROUPS and group < MAX_GROUP:
             group *= 2
         chunk_rows = max(group, (CHUNK_BYTES // (2 * b)) // group * group)
-        cand_rows, cand_scores = [], []
-        lanes = cp.arange(group)
-        for start in range(0, size, chunk_rows):
-            live = min(start + chunk_rows, size) - start
+        starts = range(0, size, chunk_rows)
+        lives = [min(start + chunk_rows, size) - start for start in starts]
+        sels = [min(keep, -(-live // group)) for live in lives]  # groups kept per chunk
+        width = sum(sels) * group
+        rows = cp.empty((b, width), cp.int64)
+        approx = cp.empty((b, width), cp.float32)
+        gather_kernel = _kernel(cp, _GATHER_GROUPS, "gather_groups")
+        offset = 0
+        for start, live, sel in zip(starts, lives, sels, strict=True):
             scores = q16 @ self._half[start:start + live].T  # (b, live) fp16
             groups = -(-live // group)
-            if keep < groups:
+            every = sel == groups
+            if every:
+                top = rows  # not read
+            else:
                 maxima = cp.empty((b, groups), cp.float32)
                 group_max(cp, scores, live, group, maxima, 0)
-                top = radix_topk(cp, maxima, keep)
-            else:
-                top = cp.broadcast_to(cp.arange(groups), (b, groups))
-            cols = (top[:, :, None] * group + lanes).reshape(b, -1)
-            inside = cols < live
-            vals = gather(cp, scores, cp.where(inside, cols, 0))
-            cand_scores.append(cp.where(inside, vals.astype(cp.float32), -cp.inf))
-            cand_rows.append(cols + start)
-        rows = cp.concatenate(cand_rows, axis=1)
-        approx = cp.concatenate(cand_scores, axis=1)
-        if keep < rows.shape[1]:
+                top = radix_topk(cp, maxima, sel)
+            total = b * sel * group
+            gather_kernel(
+                (-(-total // 256),), (256,),
+                (scores, cp.int64(scores.shape[1]), cp.int32(live), cp.int32(group),
+                 cp.int32(sel), top, cp.int32(every), cp.int64(start), cp.int32(b), rows,
+                 approx, cp.int64(width), cp.int64(offset)))
+            offset += sel * group
+        if merged and keep < width:
             pick = radix_topk(cp, approx, keep)
             rows = gather(cp, rows, pick)
             approx = gather(cp, approx, pick)
