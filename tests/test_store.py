@@ -247,8 +247,8 @@ def test_export_and_host_buffer_round_trip(kind):
 def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
     """The one-pass scan (small batches; many blocks, a partial last block) and the GEMM
     path (forced by SMALL_BATCH = 0; in chunks: score blocks of 1 MiB, so several chunks'
-    candidates meet in the merge) against the float64 reference, k = 1 and 10 through the
-    fused merge (merge_rank), k = 100 through the separate selections.  dim 12 is not a
+    candidates meet in the merge) against the float64 reference, k = 1, 10 and 100 through
+    the fused merge (merge_rank), k = 200 through the separate selections.  dim 12 is not a
     multiple of 8: it always takes the GEMM path."""
     from themis_pg.retrieval import cupy_store
 
@@ -263,7 +263,7 @@ def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
     store = cupy_store.CupyStore(dim)
     store.replace_all(ids, matrix)
     queries = np.concatenate([unit(rng, b - 1, dim), matrix[n - 1:n]])  # the last row too
-    for k in (1, 10, 100):
+    for k in (1, 10, 100, 200):
         got = store.search(queries, k)
         want = reference(matrix, ids, queries, k)
         assert all(len(g) == k for g in got)
@@ -273,7 +273,7 @@ def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
             assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
 
 
-@pytest.mark.parametrize("k", [10, 50])
+@pytest.mark.parametrize("k", [10, 150])
 @pytest.mark.parametrize("b", [1, 8])
 @pytest.mark.parametrize("cap", ["near-ties rescored", "too many: exact scan"])
 @pytest.mark.gpu
@@ -282,7 +282,7 @@ def test_gpu_near_ties_the_bound_cannot_certify(b, cap, k, monkeypatch):
     """Thousands of rows within fp16 rounding of each other around the query: the candidates
     cannot be certified, so the store must collect every row within the bound of the k-th
     score and rescore those in fp32 (or scan exactly when there are more than its share),
-    and still return the fp32 order.  k = 10 certifies in merge_rank, k = 50 apart."""
+    and still return the fp32 order.  k = 10 certifies in merge_rank, k = 150 apart."""
     from themis_pg.retrieval import cupy_store
 
     rng = np.random.default_rng(3)

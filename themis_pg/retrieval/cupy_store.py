@@ -38,8 +38,8 @@ their row numbers are mapped once per store layout and kept with the filter's ``
 
 Small batches (up to ``SMALL_BATCH`` queries) take one pass: ``scan_select`` scores a block of
 rows against the queries in shared memory and keeps the block's best candidates, so no score
-matrix is written; ``merge_rank`` selects from all the blocks' candidates at once (a larger k
-merges them by two radix selections first).
+matrix is written; ``merge_rank`` selects from all the blocks' candidates at once (a
+``k + margin`` above MERGE_MAX takes the GEMM path).
 
 Rows are swap-deleted and the matrix grows geometrically (capacity doubles; a grow copies on
 the device, never from the host), so an insert costs O(1) amortised.
@@ -75,7 +75,7 @@ MARGIN = 16         # extra groups and extra rows rescored beyond k
 THRESHOLD_SHARE = 0.25  # near-ties of one query beyond this share of the rows: exact scan
 EPS_SCAN = 2.0 ** -11 + 1e-4  # |approximate - exact fp32 score|, one-pass scan (fp32 query)
 EPS_GEMM = 3 * 2.0 ** -11 + 1e-4  # the same, GEMM path (fp16 query and fp16 scores)
-CHUNK_BYTES = 1 << 28  # the fp16 score block of one GEMM (256 MiB)
+CHUNK_BYTES = 1 << 30  # the fp16 score block of one GEMM (1 GiB; transient)
 
 
 # Exact top-k selection per row by radix select: four 8-bit passes over the row find the key
@@ -242,15 +242,16 @@ extern "C" __global__ void group_max(const __half* __restrict__ s, const long lo
 }
 """
 _RESCORE_RANK = r"""
-/* Block-wide (all threads call it; c <= 64): exact fp32 scores of the candidate rows
+#define RANK_MAX 128
+/* Block-wide (all threads call it; c <= RANK_MAX): exact fp32 scores of the candidate rows
    cand[0..c) for the query qb (rows < 0 are no candidates: score -inf), then the best k in
    order (score descending, row ascending) by ranking: every candidate counts those that beat
    it.  Ranks from c to k - 1 (fewer candidates than k) get row -1 and -inf. */
 __device__ void rescore_rank(const float* __restrict__ qb, const float* __restrict__ full,
                              const int d, const long long* cand, const int c, const int k,
                              long long* __restrict__ dst_rows, float* __restrict__ dst_scores) {
-    __shared__ float score[64];
-    __shared__ long long rowv[64];
+    __shared__ float score[RANK_MAX];
+    __shared__ long long rowv[RANK_MAX];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float neg_inf = __int_as_float(0xff800000);
     for (int j = warp; j < c; j += warps) {
@@ -305,7 +306,7 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
 # exact score is at least the lowest kept approximate score + eps.  Before, the same took
 # about ten CuPy launches from Python (two selections and their gathers, the rescoring, a
 # reduction, the compare) and a sync for the certificate.
-MERGE_MAX = 64  # most candidates one merge_rank block rescores (keep = k + MARGIN)
+MERGE_MAX = 128  # most candidates one merge_rank or exact_rank block rescores (RANK_MAX)
 _MERGE_RANK = _SELECT + _RESCORE_RANK + r"""
 extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
                                       const float* __restrict__ cand_scores, const int w,
@@ -317,8 +318,8 @@ extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
     __shared__ unsigned int hist[256];
     __shared__ unsigned int st[3];
     __shared__ int count[2];
-    __shared__ int pick[64];
-    __shared__ long long chosen[64];
+    __shared__ int pick[RANK_MAX];
+    __shared__ long long chosen[RANK_MAX];
     const long long b = blockIdx.x;
     const float* approx = cand_scores + b * w;
     const long long* rows = cand_rows + b * w;
@@ -432,7 +433,7 @@ extern "C" __global__ void scan_select(const __half* __restrict__ m, const long 
     for (int i = threadIdx.x; i < B * DIM; i += blockDim.x) qs[i] = q[i];
     __syncthreads();
     const long long base = (long long)blockIdx.x * R;
-    /* blocks past the end (the grid is padded to whole segments) have n <= 0: padding only */
+    /* blocks past the end have n <= 0: padding only (none in the grid of _candidates_scan) */
     const int n = (int)max(0LL, min((long long)R, rows - base));
     const int lane = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -509,19 +510,24 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
 
 SMALL_BATCH = 1       # up to this many queries: the one-pass scan (scan_select); more
                       # queries make it bound by shared-memory reads of the queries
-SMALL_KEEP = 128      # ... when k + margin is at most this
-SEGMENTS = 8          # first merge of the blocks' candidates: this many selections a query
+SMALL_KEEP = MERGE_MAX  # ... when k + margin is at most this (merge_rank merges its blocks)
 SMEM_BYTES = 48 * 1024  # dynamic shared memory of one scan_select block (no opt-in needed)
 SCAN_THREADS = 256
+BLOCKS_PER_SM = 4     # scan_select blocks per multiprocessor (scan_rows_per_block)
+MAX_SCAN_ROWS = 8192  # most rows one scan_select block scores
 MERGE_THREADS = 512   # one merge_rank block per query
 
 
-def scan_rows_per_block(rows: int, b: int, dim: int) -> int:
-    """Rows per scan_select block: about 1,000 blocks or more (enough loads in flight to
-    stream the matrix at full bandwidth), 256 to 4,096 rows, queries and scores in 48 KiB."""
+def scan_rows_per_block(rows: int, b: int, dim: int, sms: int = 132) -> int:
+    """Rows per scan_select block: about BLOCKS_PER_SM blocks on each of the ``sms``
+    multiprocessors (one wave of blocks, each streaming a long run of rows; the block's
+    selection at its end is then paid once per block), 256 to MAX_SCAN_ROWS rows, queries and
+    scores in 48 KiB.  On the H200 (132 SMs), 1M x 384, one query: 2,048 rows a block took
+    0.208 ms, 1,024 rows (the earlier rule, about 1,000 blocks) 0.245 ms, 512 rows 0.225 ms
+    (bench/gpu/probe_small.py)."""
     fit = (SMEM_BYTES // 4 - b * dim) // b // 256 * 256
-    want = max(256, -(-rows // 1024 // 256) * 256)
-    return max(0, min(fit, 4096, want))
+    want = max(256, -(-rows // (BLOCKS_PER_SM * sms) // 256) * 256)
+    return max(0, min(fit, MAX_SCAN_ROWS, want))
 
 
 def group_max(cp: Any, scores: Any, live: int, group: int, out: Any, offset: int) -> None:
@@ -579,6 +585,7 @@ class CupyStore(RowMap):
         self.dim = dim
         self.device_id = device_id
         self.device = f"cuda:{device_id}"
+        self._sms = int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
         with cp.cuda.Device(device_id):
             self._half = cp.zeros((capacity, dim), cp.float16)
             self._full = cp.zeros((capacity, dim), cp.float32)
@@ -728,12 +735,12 @@ class CupyStore(RowMap):
     def _exact_top(self, q32: Any, cand: Any, k: int) -> tuple[Any, Any]:
         """Rescore candidate rows (b, c) exactly in fp32; the best k, ties by lower row.
 
-        Up to 64 candidates: one kernel (``exact_rank``).  More (paged rounds asking for many
+        Up to MERGE_MAX candidates: one kernel (``exact_rank``).  More (paged rounds asking for many
         rows): one sort, the order-preserving bits of the score in the high half of a 64-bit
         key, the complement of the row in the low half."""
         cp = self._cp
         b, c = cand.shape
-        if c <= 64 and k <= c:
+        if c <= MERGE_MAX and k <= c:
             cand = cp.ascontiguousarray(cand, dtype=cp.int64)
             # c >= k: every rank below c is written once, so all k outputs are
             rows = cp.empty((b, k), cp.int64)
@@ -754,7 +761,7 @@ class CupyStore(RowMap):
 
     def _small_ok(self, b: int, keep: int) -> bool:
         return (b <= SMALL_BATCH and keep <= SMALL_KEEP and self.dim % 8 == 0
-                and scan_rows_per_block(self._size, b, self.dim) >= max(256, keep))
+                and scan_rows_per_block(self._size, b, self.dim, self._sms) >= max(256, keep))
 
     def _search_certified(self, q32: Any, k: int) -> tuple[Any, Any]:
         """Candidates by the one-pass scan or the GEMM path, rescored exactly; a query whose
@@ -763,8 +770,8 @@ class CupyStore(RowMap):
         cp = self._cp
         keep = min(k + MARGIN, self._size)
         fused = keep <= MERGE_MAX  # the usual k: merge, rescoring and certificate in one kernel
-        if self._small_ok(len(q32), keep):
-            cand, approx = self._candidates_scan(q32, keep, merged=not fused)
+        if self._small_ok(len(q32), keep):  # implies fused
+            cand, approx = self._candidates_scan(q32, keep)
             eps = EPS_SCAN
         else:
             cand, approx = self._candidates_gemm(q32, keep, merged=not fused)
@@ -841,18 +848,15 @@ class CupyStore(RowMap):
             rows[at], scores[at] = self._search_exact(q32[at], k)
         return rows, scores
 
-    def _candidates_scan(self, q32: Any, keep: int, merged: bool = True) -> tuple[Any, Any]:
-        """Candidate rows per query by one pass over the fp16 matrix (scan_select): each
-        block's best ``keep``, or with ``merged`` the best ``keep`` of them all, merged by two
-        radix selections; (rows, approximate scores), -inf where there are fewer rows."""
+    def _candidates_scan(self, q32: Any, keep: int) -> tuple[Any, Any]:
+        """Each scan_select block's best ``keep`` rows per query, by one pass over the fp16
+        matrix: (rows, approximate scores), (b, blocks x keep), -inf where a block has fewer
+        rows.  ``merge_rank`` selects from them (keep <= SMALL_KEEP = MERGE_MAX)."""
         cp = self._cp
         b = q32.shape[0]
         size = self._size
-        per_block = scan_rows_per_block(size, b, self.dim)
+        per_block = scan_rows_per_block(size, b, self.dim, self._sms)
         blocks = -(-size // per_block)
-        # one selection is fast to ~50k; merge_rank selects from every block's candidates
-        segments = SEGMENTS if merged and blocks >= 2048 else 1
-        blocks = -(-blocks // segments) * segments  # whole segments; extra blocks pad
         cand_rows = cp.empty((b, blocks * keep), cp.int64)
         cand_scores = cp.empty((b, blocks * keep), cp.float32)
         maxb = 1 << (b - 1).bit_length()  # 1, 2, 4: accumulators in registers
@@ -861,16 +865,6 @@ class CupyStore(RowMap):
                (self._half, cp.int64(size), cp.ascontiguousarray(q32), cp.int32(b),
                 cp.int32(keep), cp.int32(per_block), cand_rows, cand_scores),
                shared_mem=4 * b * (self.dim + per_block))
-        if segments > 1:  # per segment, then across segments
-            seg_rows = cand_rows.reshape(b * segments, -1)
-            seg_scores = cand_scores.reshape(b * segments, -1)
-            pick = radix_topk(cp, seg_scores, keep)
-            cand_rows = gather(cp, seg_rows, pick).reshape(b, -1)
-            cand_scores = gather(cp, seg_scores, pick).reshape(b, -1)
-        if merged and cand_scores.shape[1] > keep:
-            pick = radix_topk(cp, cand_scores, keep)
-            cand_rows = gather(cp, cand_rows, pick)
-            cand_scores = gather(cp, cand_scores, pick)
         return cand_rows, cand_scores
 
     def _candidates_gemm(self, q32: Any, keep: int, merged: bool = True) -> tuple[Any, Any]:
