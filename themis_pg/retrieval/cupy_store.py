@@ -240,6 +240,40 @@ extern "C" __global__ void group_max(const __half* __restrict__ s, const long lo
         best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, off));
     if (lane == 0) out[(long long)row * out_ld + out_offset + g] = best;
 }
+
+/* The same with 16-byte loads, for rows whose stride is a multiple of 8 halves: one thread
+   per 8 consecutive scores, the group / 8 threads of a group consecutive in one warp (group
+   a power of two from 8 to 256), so a warp reads 512 contiguous bytes at once.  At 1,024
+   queries the one-half-per-lane kernel above read 1.6 TB/s. */
+extern "C" __global__ void group_max8(const __half* __restrict__ s, const long long ld,
+                                      const int live, const int group, const int groups,
+                                      float* __restrict__ out, const long long out_ld,
+                                      const int out_offset, const int rows) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int width = group >> 3;           /* threads of one group */
+    const long long per_row = (long long)groups * width;
+    const long long row = t / per_row;
+    const int j = (int)(t % per_row), col = 8 * j;
+    float best = __int_as_float(0xff800000);  /* -inf */
+    if (row < rows && col < live) {
+        const __half* at = s + row * ld + col;
+        if (col + 8 <= live) {
+            const uint4 v = *reinterpret_cast<const uint4*>(at);
+            const __half2* h = reinterpret_cast<const __half2*>(&v);
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = __half22float2(h[i]);
+                best = fmaxf(best, fmaxf(f.x, f.y));
+            }
+        } else {
+            for (int i = 0; i < live - col; ++i) best = fmaxf(best, __half2float(at[i]));
+        }
+    }
+    /* every thread of the warp takes part (those past the end hold -inf) */
+    for (int off = width >> 1; off > 0; off >>= 1)
+        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, off));
+    if (row < rows && j % width == 0) out[row * out_ld + out_offset + j / width] = best;
+}
 """
 _RESCORE_RANK = r"""
 #define RANK_MAX 128
@@ -531,15 +565,18 @@ def scan_rows_per_block(rows: int, b: int, dim: int, sms: int = 132) -> int:
 
 
 def group_max(cp: Any, scores: Any, live: int, group: int, out: Any, offset: int) -> None:
-    """out[:, offset:offset + groups] = maxima of each group of ``scores`` (b, >= live) fp16."""
-    b = scores.shape[0]
+    """out[:, offset:offset + groups] = maxima of each group of ``scores`` (b, >= live) fp16
+    (``group`` a power of two, at least 32)."""
+    b, ld = scores.shape
     groups = -(-live // group)
-    warps = b * groups
     threads = 256
-    blocks = -(-warps * 32 // threads)
-    _kernel(cp, _GROUP_MAX, "group_max")(
-        (blocks,), (threads,),
-        (scores, cp.int64(scores.shape[1]), cp.int32(live), cp.int32(group), cp.int32(groups),
+    if ld % 8 == 0 and scores.flags.c_contiguous:  # 16-byte aligned rows
+        name, total = "group_max8", b * groups * (group // 8)
+    else:
+        name, total = "group_max", b * groups * 32  # one warp per group
+    _kernel(cp, _GROUP_MAX, name)(
+        (-(-total // threads),), (threads,),
+        (scores, cp.int64(ld), cp.int32(live), cp.int32(group), cp.int32(groups),
          out, cp.int64(out.shape[1]), cp.int32(offset), cp.int32(b)))
 
 
