@@ -106,6 +106,7 @@ def test_themis_stats_reports_the_index_for_monitors_only(rag_db, user_role):
     searches = worker["stats"]["searches"]
     assert searches["queries"] >= 1
     assert searches["embed_total_ms"] > 0 and searches["total_ms"] > 0  # where the time went
+    assert searches["uncertified_queries"] == 0  # the NumPy store is exact in one pass
     state, _ = sqlstate_of(user_role(rag_db), "SELECT themis_stats()")
     assert state == "42501"
     monitor = user_role(rag_db, member_of="pg_monitor")

@@ -308,6 +308,7 @@ def test_gpu_near_ties_the_bound_cannot_certify(b, cap, k, monkeypatch):
     queries = np.repeat(center[None, :], b, axis=0)
     got = store.search(queries, k)
     assert calls["near"] == [b], "the near-ties should not have been certified"
+    assert store.uncertified_queries == b  # what themis_stats() reports
     assert calls["exact"] == ([] if cap == "near-ties rescored" else [b])
     assert recall(got, reference(matrix, ids, queries, k)) == 1.0
     full32 = matrix @ center  # fp32 sums in another order: equal to about 1e-7

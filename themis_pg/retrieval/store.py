@@ -82,6 +82,9 @@ class VectorStore(Protocol):
     dim: int
     device: str
     dtype: str  # of the matrix every search scans
+    # queries whose first candidates the store could not certify exact and searched again
+    # (a GPU store's near-ties; always 0 where every search is exact at once)
+    uncertified_queries: int
 
     def __len__(self) -> int: ...
 
@@ -198,6 +201,7 @@ class RowMap:
         self._size = 0
         self._row_of: dict[int, int] = {}
         self.token = object()  # identifies this store in an AllowSet's memo
+        self.uncertified_queries = 0
         self.layout = 0        # bumped whenever a row is added, moved or removed
 
     def __len__(self) -> int:

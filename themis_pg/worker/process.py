@@ -196,6 +196,7 @@ class Worker:
                              "mean_ms": round(search_ms / batches, 3) if batches else 0.0,
                              "total_ms": round(search_ms, 1),
                              "embed_total_ms": round(embed_ms, 1),
+                             "uncertified_queries": store.uncertified_queries,
                              "filters": self.filter_cache.as_json()},
                 "memory": self.memory.as_json(),
                 "generation": self.engine.snapshot()
