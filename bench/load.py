@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from themis_pg.retrieval import loader
+from themis_pg.retrieval import loader, snapshot
+from themis_pg.retrieval.index import normalize_in_place
 
 log = logging.getLogger("bench.load")
 
@@ -83,11 +84,15 @@ def peer_copy(dsn: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def themis_load(dsn: str, dim: int, connections: int,
                 allocate: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The worker's cold read: the block loader, then the rows scaled to unit length in place
+    (as ``VectorIndex.load`` does; the generated rows already are, so the check still holds)."""
     with psycopg.connect(dsn) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        return loader.load_embeddings(conn, dim, connections=connections,
-                                      connect=lambda: psycopg.connect(dsn, autocommit=True),
-                                      allocate=allocate)
+        ids, vectors = loader.load_embeddings(
+            conn, dim, connections=connections,
+            connect=lambda: psycopg.connect(dsn, autocommit=True), allocate=allocate)
+    normalize_in_place(vectors)
+    return ids, vectors
 
 
 def pinned(dim: int) -> Any:
@@ -103,7 +108,7 @@ def warm_restart(ids: np.ndarray, vectors: np.ndarray, dim: int, folder: str,
                  runs: int = 3) -> dict[str, float]:
     """Seconds to write an index snapshot of a loaded GPU store, and to read it back into
     pinned memory and a fresh GPU store (median of ``runs``; the file is in the page cache,
-    as after a worker restart on the same host)."""
+    as after a worker restart on the same host), with ``snapshot.READ_THREADS`` threads."""
     import statistics
     from pathlib import Path
 
@@ -190,19 +195,28 @@ def main() -> None:
         results.append((label, seconds, gpu))
         log.info("%s: %.2f s", label, seconds)
     warm = None
+    warm_by_threads: dict[int, dict[str, float]] = {}
     if allocate is not None:
-        warm = warm_restart(ids, vecs, args.dim, args.snapshot_dir)
-        log.info("warm restart: %s", warm)
+        default_threads = snapshot.READ_THREADS
+        for threads in sorted({4, 8, 16, default_threads}):
+            snapshot.READ_THREADS = threads
+            warm_by_threads[threads] = warm_restart(ids, vecs, args.dim, args.snapshot_dir)
+            log.info("warm restart, %d read threads: %s", threads, warm_by_threads[threads])
+        snapshot.READ_THREADS = default_threads
+        warm = warm_by_threads[default_threads]
     print(f"| path ({args.rows:,} x {args.dim}) | to host s | rows/s | to GPU s | total s |")
     print("| --- | --- | --- | --- | --- |")
     for label, seconds, gpu in results:
         total = seconds + (gpu or 0.0)
         print(f"| {label} | {seconds:.2f} | {args.rows / seconds:,.0f} | "
               f"{'–' if gpu is None else f'{gpu:.2f}'} | {total:.2f} |")
+    for threads, w in warm_by_threads.items():
+        total = w["read_s"] + w["gpu_s"]
+        mark = " (the default)" if w is warm else ""
+        print(f"| index snapshot read (warm restart), {threads} threads{mark} | "
+              f"{w['read_s']:.3f} | {args.rows / w['read_s']:,.0f} | {w['gpu_s']:.3f} | "
+              f"{total:.3f} |")
     if warm is not None:
-        total = warm["read_s"] + warm["gpu_s"]
-        print(f"| index snapshot read (warm restart) | {warm['read_s']:.3f} | "
-              f"{args.rows / warm['read_s']:,.0f} | {warm['gpu_s']:.3f} | {total:.3f} |")
         print(f"\nsnapshot written in {warm['write_s']:.2f} s (export from the GPU + file)")
 
 

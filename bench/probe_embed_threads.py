@@ -9,9 +9,12 @@ sleep in a gap and is woken per parallel region), so this probe times the same s
 * on the main thread with a gap of ``--gap-ms`` between calls;
 * on a second thread with the same gaps (what the search lane does);
 
-for each ``--threads`` value (``0``: llama-cpp-python's default), and prints a table.
+for each ``--threads`` value (``0``: llama-cpp-python's default), and prints a table.  With
+``--batches`` it also times batches of that many texts in one call (what the search lane
+embeds when concurrent searches are claimed together), back to back and with the gaps.
 
-    python bench/probe_embed_threads.py --model emb.gguf --threads 0,1,2 [--gpu-layers -1]
+    python bench/probe_embed_threads.py --model emb.gguf --threads 0,1,2 [--gpu-layers -1] \
+        [--batches 1,4,8,16]
 """
 
 from __future__ import annotations
@@ -49,6 +52,19 @@ def timed(embedder: Embedder, queries: list[str], gap_s: float) -> list[float]:
     return out
 
 
+def timed_batches(embedder: Embedder, queries: list[str], size: int, gap_s: float,
+                  calls: int) -> list[float]:
+    out = []
+    for i in range(calls):
+        group = [queries[(i * size + j) % len(queries)] + f" {i}" for j in range(size)]
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        embedder.embed(group)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
 def on_thread(fn: Callable[[], list[float]]) -> list[float]:
     box: list[list[float]] = []
     t = threading.Thread(target=lambda: box.append(fn()))
@@ -64,6 +80,7 @@ def main() -> None:
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--gap-ms", type=float, default=20.0)
+    parser.add_argument("--batches", default="", help="e.g. 1,4,8,16: texts per call")
     args = parser.parse_args()
     queries = texts(args.calls)
     print("| threads | main, back to back p50 ms | main, gaps p50 ms | "
@@ -82,6 +99,19 @@ def main() -> None:
         c90 = statistics.quantiles(c, n=10)[-1]
         print(f"| {t or 'default'} | {statistics.median(a):.2f} | {statistics.median(b):.2f} "
               f"| {statistics.median(c):.2f} | {c90:.2f} |", flush=True)
+    if args.batches:
+        embedder = Embedder(args.model, "probe", n_gpu_layers=args.gpu_layers)
+        print("\n| texts per call | back to back p50 ms | per text ms | gaps p50 ms |")
+        print("| ---: | ---: | ---: | ---: |")
+        try:
+            for size in [int(x) for x in args.batches.split(",")]:
+                timed_batches(embedder, queries, size, 0, 3)  # warm-up
+                near = statistics.median(timed_batches(embedder, queries, size, 0, args.calls))
+                gaps = statistics.median(timed_batches(embedder, queries, size,
+                                                       args.gap_ms / 1000, args.calls))
+                print(f"| {size} | {near:.2f} | {near / size:.3f} | {gaps:.2f} |", flush=True)
+        finally:
+            embedder.close()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Prints Markdown; ``--json`` writes the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -145,22 +146,29 @@ def timed(run: Callable[[psycopg.Connection[Any], int], None], dsn: str, clients
     """``calls`` calls of ``run(conn, i)`` per client, each client on its own connection."""
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
+    # Queries/s count from the moment every client is connected and warm: a backend's first
+    # call starts its Python interpreter and bus connection, which is not steady-state work.
+    ready = threading.Barrier(clients + 1)
 
     def client(c: int) -> None:
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 run(conn, c)  # warm: the backend's first call sets up its bus connection
+                ready.wait()
                 for j in range(calls):
                     t0 = time.perf_counter()
                     run(conn, c + clients * (j + 1))
                     lat[c].append((time.perf_counter() - t0) * 1000)
         except BaseException as exc:  # reported below
             errors.append(exc)
+            ready.abort()
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a client failed: raised below
+        ready.wait()
+    started = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started

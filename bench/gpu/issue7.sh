@@ -1,20 +1,23 @@
 #!/bin/bash
 # The GPU machine's run for the retrieval issue, in one command (see ../shared/GPU.md):
 #   bash bench/gpu/issue7.sh [tests] [probe] [retrieval] [load] [pgvector]   (default: all)
-# from the repository root, with .carry/ holding the pg15 kit and the psycopg cp312 wheels.
+# from the repository root, with $CARRY (default .carry/) holding the pg15 kit and the cp312
+# wheels (psycopg, pgvector; in whl/ or at its top, as sql_path.sh's .carry10/).
 # Results go to $OUT (at most 8 files come back: logs are appended to one file).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 steps=${*:-tests probe retrieval load pgvector}
-pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>/dev/null
+C=${CARRY:-.carry}
+pip install -q --no-index --no-deps --target /tmp/site $(ls $C/whl/*.whl $C/*.whl 2>/dev/null) \
+    2>/dev/null
 export PYTHONPATH=$PWD:$PWD/bench:/tmp/site
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; \
   git log -1 --format=%H 2>/dev/null; } > "$OUT/gpu.txt"
 LOG="$OUT/logs.txt"
 pg_up() {
     [ -d /tmp/pgdata ] && return
-    tar -C / -xJf .carry/pg15-kit.tar.xz
+    tar -C / -xJf $C/pg15-kit.tar.xz
     id pguser >/dev/null 2>&1 || useradd -m pguser
     su pguser -c "/opt/pg15/bin/initdb -D /tmp/pgdata -U pguser >/dev/null && \
       /opt/pg15/bin/pg_ctl -D /tmp/pgdata -l /tmp/pg.log -w -o \"-p 5433 -k /tmp \
@@ -34,7 +37,8 @@ for step in $steps; do
                    > "$OUT/retrieval.md" 2>> "$LOG"
                cat "$OUT/retrieval.md" ;;
     load) pg_up
-          timeout 150 python3 bench/load.py --dsn "$DSN" --fill --connections 1,8,16,32 \
+          timeout 200 python3 bench/load.py --dsn "$DSN" --fill \
+              --connections "${LOAD_CONNECTIONS:-1,8,16,32}" \
               > "$OUT/load.md" 2>> "$LOG"
           cat "$OUT/load.md" ;;
     pgvector) pg_up

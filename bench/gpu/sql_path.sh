@@ -23,7 +23,8 @@ timeout 200 python3 bench/sql_search.py --dsn "$DSN" --fill "${ROWS:-1000000}" \
   --embedding-model /tmp/emb.gguf >> "$LOG" 2>&1
 if [ -n "${PROBE:-}" ]; then  # one query's embedding by thread count and calling thread
   timeout 120 python3 bench/probe_embed_threads.py --model /tmp/emb.gguf --gpu-layers -1 \
-    --threads "${PROBE_THREADS:-0,1,2,4}" > "$OUT/probe_embed.md" 2>> "$LOG"
+    --threads "${PROBE_THREADS:-0,1,2,4}" --batches "${PROBE_BATCHES:-}" > "$OUT/probe_embed.md" \
+    2>> "$LOG"
   cat "$OUT/probe_embed.md"
 fi
 # VARIANTS: worker settings to compare on the same rows ("-" is the default; words are

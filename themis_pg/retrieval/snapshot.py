@@ -48,7 +48,7 @@ MAGIC = b"THEMISIX"
 FORMAT_VERSION = 1
 ALIGN = 4096
 READ_PIECE = 64 << 20   # bytes per preadv call
-READ_THREADS = 4
+READ_THREADS = 8     # bench/load.py on the H200 host: see docs/benchmarks.md
 
 Allocate = Callable[[tuple[int, ...], Any], npt.NDArray[Any]]
 

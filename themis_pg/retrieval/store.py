@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .row_index import RowIndex
 from .topk import select_top_k
 
 FloatArray = npt.NDArray[np.float32]
@@ -49,8 +50,7 @@ class AllowSet:
         memo = self._rows
         if memo is not None and memo[0] is store.token and memo[1] == store.layout:
             return memo[2]
-        row_of = store.row_of
-        rows = np.fromiter((row_of[d] for d in self.ids if d in row_of), np.int64)
+        rows = store.row_of.rows_of(np.fromiter(self.ids, np.int64, len(self.ids)))
         rows.sort()
         out = rows if to_device is None else to_device(rows)
         self._rows = (store.token, store.layout, out)
@@ -152,13 +152,13 @@ def split_by_filter(filters: Sequence[SearchFilter | None] | None, b: int, size:
 
 
 def restrict_subset(xp: Any, scores: Any, rows: Any, flt: SearchFilter,
-                    row_of: dict[int, int]) -> None:
+                    row_of: RowIndex) -> None:
     """``restrict`` for one query scored only on ``rows`` (ascending): the cursor's score
     ceiling and excluded ids (the allow set is already applied: ``rows`` are its rows)."""
     if flt.below is not None:
         scores[scores > flt.below] = -xp.inf
-    excluded = [row_of[d] for d in flt.exclude if d in row_of]
-    if excluded and len(rows):
+    excluded = row_of.rows_of(flt.exclude)
+    if len(excluded) and len(rows):
         want = xp.asarray(excluded, dtype=xp.int64)
         at = xp.minimum(xp.searchsorted(rows, want), len(rows) - 1)
         hit = rows[at] == want
@@ -166,13 +166,13 @@ def restrict_subset(xp: Any, scores: Any, rows: Any, flt: SearchFilter,
 
 
 def restrict(xp: Any, scores: Any, filters: Sequence[SearchFilter | None] | None,
-             row_of: dict[int, int]) -> None:
+             row_of: RowIndex) -> None:
     """Apply each query's ``SearchFilter`` to its row of ``scores`` (b, rows) in place: a
     ruled-out row scores -inf.  ``xp`` is the array module of ``scores`` (NumPy or CuPy)."""
     size = scores.shape[1]
 
     def rows(ids: Iterable[int]) -> Any:
-        return xp.asarray([row_of[d] for d in ids if d in row_of], dtype=xp.int64)
+        return xp.asarray(row_of.rows_of(ids))
 
     for i, flt in enumerate(filters or ()):
         if flt is None:
@@ -199,7 +199,7 @@ class RowMap:
     def __init__(self) -> None:
         self._ids: IdArray = np.zeros(0, np.int64)
         self._size = 0
-        self._row_of: dict[int, int] = {}
+        self._row_of = RowIndex()
         self.token = object()  # identifies this store in an AllowSet's memo
         self.uncertified_queries = 0
         self.layout = 0        # bumped whenever a row is added, moved or removed
@@ -208,7 +208,7 @@ class RowMap:
         return self._size
 
     @property
-    def row_of(self) -> dict[int, int]:
+    def row_of(self) -> RowIndex:
         return self._row_of
 
     def _reserve(self, rows: int) -> None:
@@ -224,19 +224,22 @@ class RowMap:
         self._ids = np.zeros(capacity, np.int64)
         self._ids[: len(ids)] = np.asarray(ids, np.int64)
         self._size = len(ids)
-        self._row_of = {int(i): r for r, i in enumerate(self._ids[: self._size])}
+        self._row_of.reset(self._ids[: self._size])
         self.layout += 1
 
     def upsert(self, ids: IdArray, vectors: FloatArray) -> None:
-        rows = np.empty(len(ids), np.int64)
-        new = 0
-        for j, doc_id in enumerate(ids):
-            row = self._row_of.get(int(doc_id))
-            if row is None:
-                row = self._size + new
-                new += 1
-                self._row_of[int(doc_id)] = row
-            rows[j] = row
+        ids = np.asarray(ids, np.int64)
+        rows = self._row_of.lookup(ids)
+        absent = rows < 0
+        # New ids take the next rows in the order they first appear (an id given twice is
+        # one row; its last vector wins).
+        fresh, first, slot = np.unique(ids[absent], return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        new = len(fresh)
+        rank = np.empty(new, np.int64)
+        rank[order] = np.arange(new)
+        rows[absent] = self._size + rank[slot.reshape(-1)]
+        self._row_of.add(fresh[order], self._size + np.arange(new, dtype=np.int64))
         self._reserve(self._size + new)
         if len(self._ids) < self._size + new:
             grown = np.zeros(max(self._size + new, 2 * len(self._ids), 1024), np.int64)
@@ -252,7 +255,7 @@ class RowMap:
         """Swap-remove: O(1) per row; row order does not matter to exact search."""
         removed = 0
         for doc_id in ids:
-            row = self._row_of.pop(int(doc_id), None)
+            row = self._row_of.pop(int(doc_id))
             if row is None:
                 continue
             last = self._size - 1
@@ -260,7 +263,7 @@ class RowMap:
                 moved = int(self._ids[last])
                 self._ids[row] = moved
                 self._move(row, last)
-                self._row_of[moved] = row
+                self._row_of.set(moved, row)
             self._size -= 1
             removed += 1
         if removed:
