@@ -348,6 +348,10 @@ MERGE_MAX = 128  # most candidates one merge_rank or exact_rank block rescores (
 # SQL-path benchmark's) often have 16 rows within eps of the k-th.  Larger batches are
 # bound by the merge's selection, which grows with the candidates.
 WIDE_BATCH = 64
+# ... as long as a query's candidates (kept groups x rows a group x score blocks) stay at
+# most this many: 1M rows (one block, 128-row groups) keep 128 groups, 10M (two blocks,
+# 256-row groups) 32, where 128 made merge_rank select from 65,536 candidates a query.
+WIDE_CANDIDATES = 16384
 _MERGE_RANK = _SELECT + _RESCORE_RANK + r"""
 extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
                                       const float* __restrict__ cand_scores, const int w,
@@ -821,7 +825,7 @@ class CupyStore(RowMap):
             eps = EPS_SCAN
         else:
             if fused and len(q32) <= WIDE_BATCH:
-                keep = min(MERGE_MAX, self._size)
+                keep = self._wide_keep(len(q32), keep)
             cand, approx = self._candidates_gemm(q32, keep, merged=not fused)
             eps = EPS_GEMM
         if fused:
@@ -916,6 +920,24 @@ class CupyStore(RowMap):
                shared_mem=4 * b * (self.dim + per_block))
         return cand_rows, cand_scores
 
+    def _group_rows(self) -> int:
+        """Rows a group on the GEMM path: at least GROUP, about TARGET_GROUPS groups (short
+        rows of maxima for the one-block-per-query selection, few candidates a kept group)."""
+        group = GROUP
+        while self._size // group > TARGET_GROUPS and group < MAX_GROUP:
+            group *= 2
+        return group
+
+    def _chunk_rows(self, b: int, group: int) -> int:
+        """Rows scored by one GEMM of ``b`` queries (a CHUNK_BYTES fp16 score block)."""
+        return max(group, (CHUNK_BYTES // (2 * b)) // group * group)
+
+    def _wide_keep(self, b: int, keep: int) -> int:
+        """Groups a small batch keeps per score block on the GEMM path (WIDE_CANDIDATES)."""
+        group = self._group_rows()
+        blocks = -(-self._size // self._chunk_rows(b, group))
+        return min(MERGE_MAX, self._size, max(keep, WIDE_CANDIDATES // (group * blocks)))
+
     def _candidates_gemm(self, q32: Any, keep: int, merged: bool = True) -> tuple[Any, Any]:
         """Candidate rows per query, chunk by chunk: fp16 scores by one GEMM, the best
         ``keep`` groups of the chunk by their maxima, their rows and scores gathered while
@@ -925,12 +947,8 @@ class CupyStore(RowMap):
         size = self._size
         b = q32.shape[0]
         q16 = q32.astype(cp.float16)
-        # groups of at least GROUP rows, about TARGET_GROUPS of them: short rows of maxima
-        # for the one-block-per-query selection, few candidates per group kept
-        group = GROUP
-        while size // group > TARGET_GROUPS and group < MAX_GROUP:
-            group *= 2
-        chunk_rows = max(group, (CHUNK_BYTES // (2 * b)) // group * group)
+        group = self._group_rows()
+        chunk_rows = self._chunk_rows(b, group)
         starts = range(0, size, chunk_rows)
         lives = [min(start + chunk_rows, size) - start for start in starts]
         sels = [min(keep, -(-live // group)) for live in lives]  # groups kept per chunk
