@@ -8,10 +8,10 @@ clustered unit vectors through a binary COPY built with NumPy.  Then, for the pe
 ``COPY (SELECT id, embedding) TO STDOUT`` parsed with one NumPy dtype, what the worker did
 before) and the block loader at several connection counts: seconds and rows/s to host memory,
 and, where CuPy sees a GPU, the host→device copy into a ``CupyStore`` (the block loader
-gathers straight into the store's pinned buffer, the peer's array is pageable).  Then the
+gathers straight into the store's host buffer).  Then the
 warm restart's data path: the store exported to an index snapshot file (snapshot.py) and read
-back into pinned memory and the GPU (the database's part of a warm start is one small query
-and the changes since).  Every result is checked against the generated vectors.
+back into the store's host buffer and the GPU (the database's part of a warm start is one
+small query and the changes since).  Every result is checked against the generated vectors.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def themis_load(dsn: str, dim: int, connections: int,
 
 
 def pinned(dim: int) -> Any:
-    """The allocator of a CupyStore (pinned host memory), None without a GPU."""
+    """The allocator of a CupyStore (its host buffer: pageable since 2026-12-03, see
+    CupyStore.host_buffer), None without a GPU."""
     try:
         from themis_pg.retrieval.cupy_store import CupyStore, cupy_available
     except ImportError:
@@ -107,8 +108,9 @@ def pinned(dim: int) -> Any:
 def warm_restart(ids: np.ndarray, vectors: np.ndarray, dim: int, folder: str,
                  runs: int = 3) -> dict[str, float]:
     """Seconds to write an index snapshot of a loaded GPU store, and to read it back into
-    pinned memory and a fresh GPU store (median of ``runs``; the file is in the page cache,
-    as after a worker restart on the same host), with ``snapshot.READ_THREADS`` threads."""
+    the store's host buffer and a fresh GPU store (median of ``runs``; the file is in the
+    page cache, as after a worker restart on the same host), with ``snapshot.READ_THREADS``
+    threads."""
     import statistics
     from pathlib import Path
 

@@ -658,8 +658,8 @@ class CupyStore(RowMap):
         self._half, self._full = half, full
 
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
-        """Load every row at once: one host→device copy (pinned when the caller passes a
-        pinned array); ``vectors`` may already be a CuPy array."""
+        """Load every row at once: one host→device copy; ``vectors`` may already be a CuPy
+        array."""
         cp = self._cp
         n = len(ids)
         capacity = max(n, 1024)
@@ -676,10 +676,11 @@ class CupyStore(RowMap):
         self._set_all_ids(ids, capacity)
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
-        import cupyx
-
-        with self._cp.cuda.Device(self.device_id):
-            return cupyx.empty_pinned(shape, dtype)  # type: ignore[no-any-return]
+        """Pageable memory, not pinned: a fresh process pays about 1.0 s to pin 1.5 GB
+        (``cupyx.empty_pinned``, H200 host) to save 0.2 s of copy, so a warm restart of 1M x
+        384 took 1.1-2.5 s pinned against 0.29-0.34 s pageable
+        (bench/gpu/probe_fresh_restart.py, each in a new process)."""
+        return np.empty(shape, dtype)
 
     def export(self) -> tuple[IdArray, FloatArray]:
         with self._cp.cuda.Device(self.device_id):

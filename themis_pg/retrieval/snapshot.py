@@ -14,8 +14,8 @@ catches another database, a restored one and changes a crash lost; anything else
 short, another format version) is caught by the header and the file size.  Whatever fails,
 the worker falls back to the full load and writes a fresh snapshot.
 
-Reading: the vectors go straight into the buffer the store hands out (pinned host memory for
-the GPU store, whose one host→device copy then runs at full speed), with ``preadv`` on
+Reading: the vectors go straight into the buffer the store hands out (pageable memory, also
+for the GPU store: pinning a fresh buffer costs more than it saves), with ``preadv`` on
 several threads (the GIL is released while the kernel copies), which is what makes a warm
 start many times faster than the load from PostgreSQL.
 """

@@ -96,8 +96,8 @@ class VectorStore(Protocol):
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None: ...
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
-        """An empty host array to load rows into before ``replace_all`` (pinned memory for a
-        GPU store, so that its host→device copy runs at full speed)."""
+        """An empty host array to load rows into before ``replace_all`` (a store may hand out
+        memory that suits its copy; the GPU store's is pageable, see its docstring)."""
         ...
 
     def export(self) -> tuple[IdArray, FloatArray]:
