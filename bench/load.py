@@ -95,7 +95,7 @@ def themis_load(dsn: str, dim: int, connections: int,
     return ids, vectors
 
 
-def pinned(dim: int) -> Any:
+def host_allocator(dim: int) -> Any:
     """The allocator of a CupyStore (its host buffer: pageable since 2026-12-03, see
     CupyStore.host_buffer), None without a GPU."""
     try:
@@ -165,7 +165,7 @@ def main() -> None:
     expected = fill(args.dsn, args.rows, args.dim) if args.fill else None
     results = []
     runs: list[tuple[str, Any]] = [("one COPY (peer)", lambda: peer_copy(args.dsn, args.dim))]
-    allocate = pinned(args.dim)
+    allocate = host_allocator(args.dim)
     runs += [(f"themis blocks, {c} conn", lambda c=c: themis_load(args.dsn, args.dim, int(c),
                                                                   allocate))
              for c in args.connections.split(",")]

@@ -675,13 +675,6 @@ class CupyStore(RowMap):
             self._half = full.astype(cp.float16)
         self._set_all_ids(ids, capacity)
 
-    def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
-        """Pageable memory, not pinned: a fresh process pays about 1.0 s to pin 1.5 GB
-        (``cupyx.empty_pinned``, H200 host) to save 0.2 s of copy, so a warm restart of 1M x
-        384 took 1.1-2.5 s pinned against 0.29-0.34 s pageable
-        (bench/gpu/probe_fresh_restart.py, each in a new process)."""
-        return np.empty(shape, dtype)
-
     def export(self) -> tuple[IdArray, FloatArray]:
         with self._cp.cuda.Device(self.device_id):
             out = self.host_buffer((self._size, self.dim), np.float32)

@@ -89,11 +89,11 @@ class RowIndex:
         """Rows of ``ids``, -1 for an absent id; vectorised over the sorted arrays."""
         ids = np.fromiter(ids, np.int64) if not isinstance(ids, np.ndarray) else \
             ids.astype(np.int64, copy=False)
-        out = _find(self._keys, self._rows, ids)
+        at, hit = _match(self._keys, ids)
+        out = np.where(hit, self._rows[at], -1) if len(self._keys) else at.copy()
         if self._changes:
             keys, rows = self._sorted_changes()
-            at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-            changed = keys[at] == ids
+            at, changed = _match(keys, ids)
             out[changed] = rows[at[changed]]  # _GONE is -1: removed ids read as absent
         return out
 
@@ -119,8 +119,8 @@ class RowIndex:
     def _fold(self) -> None:
         """Merge the change dict into the sorted arrays: O(rows) once per FOLD_SHARE of them."""
         keys, rows = self._sorted_changes()
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        stale = at[self._keys[at] == keys] if len(self._keys) else at[:0]
+        at, hit = _match(self._keys, keys)
+        stale = at[hit]
         base_keys = np.delete(self._keys, stale)
         base_rows = np.delete(self._rows, stale)
         live = rows != _GONE
@@ -132,9 +132,10 @@ class RowIndex:
         self._change_arrays = None
 
 
-def _find(keys: IdArray, rows: IdArray, ids: IdArray) -> IdArray:
-    """``rows`` of ``ids`` in the sorted ``keys``, -1 where absent."""
+def _match(keys: IdArray, ids: IdArray) -> tuple[IdArray, npt.NDArray[np.bool_]]:
+    """Where each of ``ids`` is in the sorted ``keys`` and whether it is there: (positions,
+    found); with no keys, positions of -1 and nothing found."""
     if not len(keys):
-        return np.full(len(ids), -1, np.int64)
+        return np.full(len(ids), -1, np.int64), np.zeros(len(ids), bool)
     at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-    return np.where(keys[at] == ids, rows[at], -1)
+    return at, keys[at] == ids
