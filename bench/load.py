@@ -9,9 +9,10 @@ clustered unit vectors through a binary COPY built with NumPy.  Then, for the pe
 before) and the block loader at several connection counts: seconds and rows/s to host memory,
 and, where CuPy sees a GPU, the host→device copy into a ``CupyStore`` (the block loader
 gathers straight into the store's host buffer).  Then the
-warm restart's data path: the store exported to an index snapshot file (snapshot.py) and read
-back into the store's host buffer and the GPU (the database's part of a warm start is one
-small query and the changes since).  Every result is checked against the generated vectors.
+warm restart's data path: the store exported to an index snapshot file (snapshot.py) and
+loaded back as the worker does (the ids, then the rows through the GPU store's pinned staging
+buffers, ``CupyStore.load_rows``; the database's part of a warm start is one small query and
+the changes since).  Every result is checked against the generated vectors.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from themis_pg.retrieval import loader, snapshot
+from themis_pg.retrieval import loader
 from themis_pg.retrieval.index import normalize_in_place
 
 log = logging.getLogger("bench.load")
@@ -106,18 +107,19 @@ def host_allocator(dim: int) -> Any:
 
 
 def warm_restart(ids: np.ndarray, vectors: np.ndarray, dim: int, folder: str,
-                 runs: int = 3) -> dict[str, float]:
-    """Seconds to write an index snapshot of a loaded GPU store, and to read it back into
-    the store's host buffer and a fresh GPU store (median of ``runs``; the file is in the
-    page cache, as after a worker restart on the same host), with ``snapshot.READ_THREADS``
-    threads."""
+                 threads: int, runs: int = 3) -> dict[str, float]:
+    """Seconds to write an index snapshot of a loaded GPU store, and to load it back into a
+    fresh GPU store as a worker's warm start does (median of ``runs``; the file is in the
+    page cache, as after a worker restart on the same host): the header and ids, then
+    ``CupyStore.load_rows`` on ``threads`` staging threads (its pinned buffers are given
+    back after every load, so each run pins its own, as a new process would)."""
     import statistics
     from pathlib import Path
 
     import cupy as cp
 
     from themis_pg.retrieval.cupy_store import CupyStore
-    from themis_pg.retrieval.snapshot import SnapshotMeta, read_arrays, read_header, write_file
+    from themis_pg.retrieval.snapshot import SnapshotMeta, read_header, read_ids, write_file
 
     store = CupyStore(dim)
     store.replace_all(ids, vectors)
@@ -135,13 +137,13 @@ def warm_restart(ids: np.ndarray, vectors: np.ndarray, dim: int, folder: str,
         fresh = CupyStore(dim)
         cp.cuda.Device().synchronize()
         t1 = time.perf_counter()
-        got_meta = read_header(path)
-        got_ids, got_vecs = read_arrays(path, got_meta, fresh.host_buffer)
+        got_ids, source = read_ids(path, read_header(path))
         t2 = time.perf_counter()
-        fresh.replace_all(got_ids, got_vecs)
+        fresh.load_rows(got_ids, source, threads=threads)
         cp.cuda.Device().synchronize()
         reads.append(t2 - t1)
         gpus.append(time.perf_counter() - t2)
+        got_ids, got_vecs = fresh.export()
         assert np.array_equal(got_ids, ids) and np.array_equal(got_vecs, vectors)
         del fresh, got_vecs
         cp.get_default_memory_pool().free_all_blocks()
@@ -200,13 +202,13 @@ def main() -> None:
     warm = None
     warm_by_threads: dict[int, dict[str, float]] = {}
     if allocate is not None:
-        default_threads = snapshot.READ_THREADS
-        for threads in sorted({4, 8, 16, default_threads}):
-            snapshot.READ_THREADS = threads
-            warm_by_threads[threads] = warm_restart(ids, vecs, args.dim, args.snapshot_dir)
-            log.info("warm restart, %d read threads: %s", threads, warm_by_threads[threads])
-        snapshot.READ_THREADS = default_threads
-        warm = warm_by_threads[default_threads]
+        from themis_pg.retrieval.cupy_store import STAGE_THREADS
+
+        for threads in sorted({4, 8, 16, STAGE_THREADS}):
+            warm_by_threads[threads] = warm_restart(ids, vecs, args.dim, args.snapshot_dir,
+                                                    threads)
+            log.info("warm restart, %d staging threads: %s", threads, warm_by_threads[threads])
+        warm = warm_by_threads[STAGE_THREADS]
     print(f"| path ({args.rows:,} x {args.dim}) | to host s | rows/s | to GPU s | total s |")
     print("| --- | --- | --- | --- | --- |")
     for label, seconds, gpu in results:
@@ -216,9 +218,8 @@ def main() -> None:
     for threads, w in warm_by_threads.items():
         total = w["read_s"] + w["gpu_s"]
         mark = " (the default)" if w is warm else ""
-        print(f"| index snapshot read (warm restart), {threads} threads{mark} | "
-              f"{w['read_s']:.3f} | {args.rows / w['read_s']:,.0f} | {w['gpu_s']:.3f} | "
-              f"{total:.3f} |")
+        print(f"| index snapshot (warm restart): ids, then rows staged on {threads} threads"
+              f"{mark} | {w['read_s']:.3f} | – | {w['gpu_s']:.3f} | {total:.3f} |")
     if warm is not None:
         print(f"\nsnapshot written in {warm['write_s']:.2f} s (export from the GPU + file)")
 

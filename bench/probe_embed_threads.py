@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--batches", default="", help="e.g. 1,4,8,16: texts per call")
+    parser.add_argument("--store-rows", type=int, default=0,
+                        help="with --batches: also time each batch's embedding right after a "
+                        "top-k over a GPU store of this many rows, as the search lane does")
     args = parser.parse_args()
     queries = texts(args.calls)
     print("| threads | main, back to back p50 ms | main, gaps p50 ms | "
@@ -110,8 +113,44 @@ def main() -> None:
                 gaps = statistics.median(timed_batches(embedder, queries, size,
                                                        args.gap_ms / 1000, args.calls))
                 print(f"| {size} | {near:.2f} | {near / size:.3f} | {gaps:.2f} |", flush=True)
+            if args.store_rows:
+                interleaved(embedder, queries, [int(x) for x in args.batches.split(",")],
+                            args.store_rows, args.calls)
         finally:
             embedder.close()
+
+
+def interleaved(embedder: Embedder, queries: list[str], sizes: list[int], rows: int,
+                calls: int) -> None:
+    """Each batch embedded, then searched in a CupyStore of ``rows`` random unit rows (the
+    search lane's order): does the top-k before it slow the next embedding down?"""
+    import numpy as np
+
+    from themis_pg.retrieval.cupy_store import CupyStore
+
+    rng = np.random.default_rng(0)
+    store = CupyStore(embedder.dim)
+    matrix = rng.standard_normal((rows, embedder.dim), dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    store.replace_all(np.arange(rows, dtype=np.int64), matrix)
+    del matrix
+    store.warm_up()
+    print(f"\n| texts per call | embed alone p50 ms | embed after a top-k over {rows:,} rows "
+          "p50 ms | top-k p50 ms |\n| ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        alone = timed_batches(embedder, queries, size, 0, calls)
+        after, topk = [], []
+        for i in range(calls):
+            group = [queries[(i * size + j) % len(queries)] + f" s{i}" for j in range(size)]
+            t0 = time.perf_counter()
+            vectors = embedder.embed(group)
+            t1 = time.perf_counter()
+            store.search(vectors, 10)
+            t2 = time.perf_counter()
+            after.append((t1 - t0) * 1000)
+            topk.append((t2 - t1) * 1000)
+        print(f"| {size} | {statistics.median(alone):.2f} | {statistics.median(after[1:]):.2f} "
+              f"| {statistics.median(topk):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,28 @@ def test_a_snapshot_of_another_model_is_not_used(db: str, tmp_path: Path) -> Non
     assert _loaded(db, tmp_path, model="other").last_load_source == "database"
 
 
+def test_a_snapshot_that_fails_under_the_read_falls_back_to_the_database(
+        db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header and the token are checked before the rows are read; a disk that fails
+    while the store reads them leaves the store undefined, so the load starts over from the
+    database rather than serving half a matrix."""
+    from themis_pg.retrieval import snapshot
+
+    _loaded(db, tmp_path)
+    calls = []
+
+    def failing(self: snapshot.VectorFile, *args: object, **kwargs: object) -> None:
+        calls.append(self.path)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(snapshot.VectorFile, "read", failing)
+    again = _loaded(db, tmp_path)
+    assert calls, "the snapshot was trusted and its rows read"
+    assert again.last_load_source == "database" and len(again) == ROWS
+    monkeypatch.undo()
+    _same_answers(again, _loaded(db, None))
+
+
 def test_shutdown_snapshot_carries_the_changes_and_holds_back_pruning(db, tmp_path) -> None:
     from themis_pg.bus.jobs import JobStore
 

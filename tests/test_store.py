@@ -334,3 +334,36 @@ def test_warm_up_runs_on_any_store_and_changes_no_answer(kind, rows):
     assert store.search(queries, 10) == before
     if rows:
         assert recall(before, reference(matrix, ids, queries, min(10, rows))) == 1.0
+
+
+@pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("rows", [0, 1, 1000])
+def test_load_rows_from_a_snapshot_file(kind, rows, tmp_path):
+    """A warm start's path: the vectors read from the file by the store itself (the GPU
+    store in pieces through pinned buffers: small ones here, so there are many pieces on
+    several threads and a short last one), replacing what the store held."""
+    from themis_pg.retrieval.snapshot import SnapshotMeta, read_header, read_ids, write_file
+
+    rng = np.random.default_rng(12)
+    dim = 24
+    matrix = unit(rng, rows, dim)
+    ids = rng.permutation(rows).astype(np.int64) * 3 + 1
+    path = tmp_path / "rows.snapshot"
+    write_file(path, SnapshotMeta(token="t", model="m", dim=dim, rows=rows, watermark=0,
+                                  seen={}, pending=[]), ids, matrix)
+    got_ids, source = read_ids(path, read_header(path))
+    store = make_store(kind, dim)
+    store.upsert(np.array([-1, -2], np.int64), unit(rng, 2, dim))  # replaced by the load
+    staging = {"stage_bytes": 7 * 4 * dim, "threads": 3} if kind == "cupy" else {}
+    store.load_rows(got_ids, source, **staging)
+    out_ids, out = store.export()
+    assert out_ids.tolist() == ids.tolist()
+    np.testing.assert_array_equal(out, matrix)
+    if rows:
+        q = unit(rng, 2, dim)
+        want = reference(matrix, ids, q, min(5, rows))
+        assert [[i for i, _ in h] for h in store.search(q, 5)] == [[i for i, _ in h] for h in want]
+        with path.open("r+b") as f:  # a file that fails under the read is an error
+            f.truncate(source.offset + 4 * dim * (rows // 2))
+        with pytest.raises(ValueError, match="ended early"):
+            make_store(kind, dim).load_rows(got_ids, source, **staging)

@@ -1,8 +1,10 @@
 #!/bin/bash
 # The GPU machine's run for the retrieval issue, in one command (see ../shared/GPU.md):
-#   bash bench/gpu/issue7.sh [tests] [probe] [retrieval] [load] [pgvector]   (default: all)
+#   bash bench/gpu/issue7.sh [tests] [probe] [retrieval] [load] [pgvector] [restart] [embed]
+#   (default: the first five)
 # from the repository root, with $CARRY (default .carry/) holding the pg15 kit and the cp312
-# wheels (psycopg, pgvector; in whl/ or at its top, as sql_path.sh's .carry10/).
+# wheels (psycopg, pgvector; in whl/ or at its top, as sql_path.sh's .carry10/); embed also
+# needs the llama core kit, gpu-llama-unpack.sh and emb.skel there (as sql_path.sh).
 # Results go to $OUT (at most 8 files come back: logs are appended to one file).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -41,6 +43,15 @@ for step in $steps; do
               --connections "${LOAD_CONNECTIONS:-1,8,16,32}" \
               > "$OUT/load.md" 2>> "$LOG"
           cat "$OUT/load.md" ;;
+    restart) timeout 200 python3 bench/gpu/probe_fresh_restart.py > "$OUT/restart.md" 2>> "$LOG"
+             cat "$OUT/restart.md" ;;
+    embed) eval "$(bash $C/gpu-llama-unpack.sh $C)"
+           export PYTHONPATH=$PWD:$PWD/bench:/tmp/site:$PYTHONPATH
+           python3 bench/gpu/random_model.py fill $C/emb.skel /tmp/emb.gguf >> "$LOG" 2>&1
+           timeout 200 python3 bench/probe_embed_threads.py --model /tmp/emb.gguf \
+               --gpu-layers -1 --threads 0 --batches 1,8,16 --store-rows 1000000 \
+               > "$OUT/embed.md" 2>> "$LOG"
+           cat "$OUT/embed.md" ;;
     pgvector) pg_up
               timeout 240 python3 bench/pgvector_peer.py --dsn "$DSN" \
                   --json "$OUT/pgvector.json" > "$OUT/pgvector.md" 2>> "$LOG"

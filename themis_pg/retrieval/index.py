@@ -168,8 +168,7 @@ class EmbeddingIndex:
             row = cur.execute(query("corpus")).fetchone()
             self._check_corpus(None if row is None else (str(row[0]), int(row[1])))
             restored = None if self.snapshots is None or not use_snapshot else \
-                self.snapshots.restore(
-                cur, self.model, self.dim, int(horizon), self.store.host_buffer)
+                self.snapshots.restore(cur, self.model, self.dim, int(horizon))
             if restored is None:
                 seen = {int(r[0]): int(r[1]) for r in cur.execute(
                     query("changes_since"), {"watermark": str(watermark)})}
@@ -184,12 +183,20 @@ class EmbeddingIndex:
                 phases["state"] = (read - started) * 1000
                 phases["rows"] = (normed - read) * 1000
                 phases["normalize"] = (time.perf_counter() - normed) * 1000
-        if restored is not None:
-            meta, ids, vectors = restored
-            watermark, seen, unembedded = meta.watermark, dict(meta.seen), set(meta.pending)
-            phases["snapshot"] = (time.perf_counter() - started) * 1000
         placed = time.perf_counter()
-        self.store.replace_all(ids, vectors)
+        if restored is None:
+            self.store.replace_all(ids, vectors)
+        else:
+            meta, ids, source = restored
+            watermark, seen, unembedded = meta.watermark, dict(meta.seen), set(meta.pending)
+            phases["state"] = (placed - started) * 1000
+            try:
+                self.store.load_rows(ids, source)
+            except (OSError, ValueError) as exc:  # the store is now undefined: load it all
+                log.warning("index snapshot %s could not be read (%s); loading from the "
+                            "database", source.path, exc)
+                self.load(conn, use_snapshot=False)
+                return
         warm = time.perf_counter()
         self.store.warm_up()
         warm_ms = (time.perf_counter() - warm) * 1000

@@ -14,10 +14,12 @@ catches another database, a restored one and changes a crash lost; anything else
 short, another format version) is caught by the header and the file size.  Whatever fails,
 the worker falls back to the full load and writes a fresh snapshot.
 
-Reading: the vectors go straight into the buffer the store hands out (pageable memory, also
-for the GPU store: pinning a fresh buffer costs more than it saves), with ``preadv`` on
-several threads (the GIL is released while the kernel copies), which is what makes a warm
-start many times faster than the load from PostgreSQL.
+Reading: ``restore`` reads the ids and hands the vectors over as a :class:`VectorFile`, which
+the store reads itself (``load_rows``): the NumPy store into its host buffer with ``preadv``
+on several threads (the GIL is released while the kernel copies), the GPU store piece by
+piece into small pinned buffers that are copied to the device while the next piece is read
+(cupy_store.py), which is what makes a warm start many times faster than the load from
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -109,9 +111,10 @@ def write_file(path: Path, meta: SnapshotMeta, ids: npt.NDArray[np.int64],
         with tmp.open("wb") as f:
             f.write(MAGIC + len(header).to_bytes(8, "little") + header)
             f.seek(ids_at)
-            f.write(np.ascontiguousarray(ids, "<i8").data.cast("B"))
+            # bytes views, no copy (a memoryview cast fails on an empty matrix)
+            f.write(np.ascontiguousarray(ids, "<i8").reshape(-1).view(np.uint8).data)
             f.seek(vectors_at)
-            f.write(np.ascontiguousarray(vectors, "<f4").data.cast("B"))
+            f.write(np.ascontiguousarray(vectors, "<f4").reshape(-1).view(np.uint8).data)
             f.truncate(size)
             f.flush()
             os.fsync(f.fileno())
@@ -126,9 +129,10 @@ def write_file(path: Path, meta: SnapshotMeta, ids: npt.NDArray[np.int64],
         os.close(fd)
 
 
-def _read_into(fd: int, out: memoryview, offset: int) -> None:
-    """Fill ``out`` from ``offset``, in pieces on several threads."""
+def _read_into(fd: int, out: memoryview, offset: int, threads: int | None = None) -> None:
+    """Fill ``out`` from ``offset``, in pieces on ``threads`` threads (READ_THREADS)."""
     pieces = [(a, min(a + READ_PIECE, len(out))) for a in range(0, len(out), READ_PIECE)]
+    threads = READ_THREADS if threads is None else threads
 
     def read(piece: tuple[int, int]) -> None:
         a, b = piece
@@ -138,7 +142,11 @@ def _read_into(fd: int, out: memoryview, offset: int) -> None:
                 raise ValueError("snapshot file ended early")
             a += got
 
-    with ThreadPoolExecutor(min(READ_THREADS, max(1, len(pieces)))) as pool:
+    if threads <= 1 or len(pieces) <= 1:
+        for piece in pieces:
+            read(piece)
+        return
+    with ThreadPoolExecutor(min(threads, len(pieces))) as pool:
         list(pool.map(read, pieces))
 
 
@@ -157,20 +165,54 @@ def read_header(path: Path) -> SnapshotMeta:
     return meta
 
 
+@dataclass(frozen=True)
+class VectorFile:
+    """The vectors of a snapshot file, read when the store asks: a GPU store stages them
+    through small pinned buffers piece by piece rather than holding the whole matrix in host
+    memory first (cupy_store.py)."""
+
+    path: Path
+    offset: int  # of row 0, in bytes
+    rows: int
+    dim: int
+
+    def read(self, out: npt.NDArray[np.float32], first: int = 0,
+             threads: int | None = None) -> None:
+        """Rows ``first`` .. ``first + len(out)`` into ``out`` (C-contiguous float32), on
+        ``threads`` threads (READ_THREADS); OSError or ValueError if the file fails."""
+        if out.dtype != np.float32 or out.shape[1:] != (self.dim,) or \
+                not out.flags.c_contiguous or first < 0 or first + len(out) > self.rows:
+            raise ValueError(f"cannot read rows {first}..{first + len(out)} of a {self.rows} "
+                             f"x {self.dim} snapshot into a {out.dtype} array {out.shape}")
+        if not len(out):
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            _read_into(fd, out.data.cast("B"), self.offset + 4 * self.dim * first, threads)
+        finally:
+            os.close(fd)
+
+
+def read_ids(path: Path, meta: SnapshotMeta) -> tuple[npt.NDArray[np.int64], VectorFile]:
+    """The ids of the snapshot at ``path`` (its header ``meta``), and its vectors to read."""
+    ids_at, vectors_at, _ = _layout(len(meta.header()), meta.rows, meta.dim)
+    ids = np.empty(meta.rows, np.int64)
+    if meta.rows:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _read_into(fd, ids.data.cast("B"), ids_at)
+        finally:
+            os.close(fd)
+    return ids, VectorFile(path, vectors_at, meta.rows, meta.dim)
+
+
 def read_arrays(path: Path, meta: SnapshotMeta, allocate: Allocate
                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """The ids and vectors of the snapshot at ``path`` (its header ``meta``); the vectors in a
     buffer from ``allocate(shape, dtype)``."""
-    ids_at, vectors_at, _ = _layout(len(meta.header()), meta.rows, meta.dim)
-    ids = np.empty(meta.rows, np.int64)
+    ids, source = read_ids(path, meta)
     vectors = allocate((meta.rows, meta.dim), np.float32)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if meta.rows:
-            _read_into(fd, ids.data.cast("B"), ids_at)
-            _read_into(fd, vectors.data.cast("B"), vectors_at)
-    finally:
-        os.close(fd)
+    source.read(vectors)
     return ids, vectors
 
 
@@ -194,11 +236,11 @@ class SnapshotStore:
         self._writer: threading.Thread | None = None
         self.last_write_ms = 0.0
 
-    def restore(self, cur: psycopg.Cursor[Any], model: str, dim: int, horizon: int,
-                allocate: Allocate
-                ) -> tuple[SnapshotMeta, npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
-        """The snapshot's rows if the database (``cur``, inside the load's transaction)
-        vouches for it and the change log still reaches back to it; else None, logged."""
+    def restore(self, cur: psycopg.Cursor[Any], model: str, dim: int, horizon: int
+                ) -> tuple[SnapshotMeta, npt.NDArray[np.int64], VectorFile] | None:
+        """The snapshot's ids and its vectors to read, if the database (``cur``, inside the
+        load's transaction) vouches for it and the change log still reaches back to it;
+        else None, logged."""
         if not self.path.is_file():
             return None
         try:
@@ -222,7 +264,7 @@ class SnapshotStore:
             log.info("index snapshot %s not used: %s", self.path, reason)
             return None
         try:
-            ids, vectors = read_arrays(self.path, meta, allocate)
+            ids, vectors = read_ids(self.path, meta)
         except (OSError, ValueError) as exc:
             log.warning("index snapshot %s could not be read (%s)", self.path, exc)
             return None

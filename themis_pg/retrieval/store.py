@@ -76,6 +76,21 @@ class SearchFilter:
 Hit = tuple[int, float]
 
 
+class RowSource(Protocol):
+    """Rows to load that are not in memory yet (snapshot.VectorFile): the store decides how
+    they travel to where it keeps them."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def read(self, out: FloatArray, first: int = 0, threads: int | None = None) -> None:
+        """Rows ``first`` .. ``first + len(out)`` into ``out`` (C-contiguous float32)."""
+        ...
+
+
 class VectorStore(Protocol):
     """Document ids and unit embeddings, searched exactly."""
 
@@ -94,6 +109,11 @@ class VectorStore(Protocol):
         ...
 
     def replace_all(self, ids: IdArray, vectors: FloatArray) -> None: ...
+
+    def load_rows(self, ids: IdArray, source: RowSource) -> None:
+        """``replace_all`` with vectors still to be read; the store's contents are undefined
+        if the read fails (OSError, ValueError), so the caller loads again another way."""
+        ...
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
         """An empty host array to load rows into before ``replace_all`` (a store may hand out
@@ -217,6 +237,15 @@ class RowMap:
         of 1M x 384 took 1.1-2.5 s pinned against 0.29-0.34 s pageable
         (bench/gpu/probe_fresh_restart.py, each in a new process)."""
         return np.empty(shape, dtype)
+
+    def load_rows(self, ids: IdArray, source: RowSource) -> None:
+        """Into a host buffer on several threads, then ``replace_all``."""
+        vectors = self.host_buffer((source.rows, source.dim), np.float32)
+        source.read(vectors)
+        self.replace_all(ids, vectors)
+
+    def replace_all(self, ids: IdArray, vectors: FloatArray) -> None:
+        raise NotImplementedError
 
     def _reserve(self, rows: int) -> None:
         raise NotImplementedError
