@@ -20,6 +20,7 @@ import ctypes
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -159,6 +160,11 @@ class Embedder:
             row = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
             out[seq_id] = np.ctypeslib.as_array(row, shape=(self._dim,))
 
+    def _timed_decode(self, group: list[list[int]], out: npt.NDArray[np.float32]) -> float:
+        started = time.perf_counter()
+        self._decode(group, out)
+        return time.perf_counter() - started
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed ``texts``: float32 array of shape ``(len(texts), dim)``, rows of unit length.
 
@@ -172,18 +178,25 @@ class Embedder:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"embedder {self._name} is closed")
+            started = time.perf_counter()
+            decoding = 0.0
             group: list[list[int]] = []
             group_rows: list[int] = []
-            used = 0
+            used = total = 0
             for row, text in enumerate(texts):
                 tokens = self._truncate(self._tokenize(text))
+                total += len(tokens)
                 if group and (used + len(tokens) > self._n_batch or len(group) >= self._n_seq_max):
-                    self._decode(group, out[group_rows[0] : group_rows[-1] + 1])
+                    decoding += self._timed_decode(group, out[group_rows[0] : group_rows[-1] + 1])
                     group, group_rows, used = [], [], 0
                 group.append(tokens)
                 group_rows.append(row)
                 used += len(tokens)
-            self._decode(group, out[group_rows[0] : group_rows[-1] + 1])
+            decoding += self._timed_decode(group, out[group_rows[0] : group_rows[-1] + 1])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("embedded %d texts (%d tokens): %.2f ms, of which llama_decode and "
+                          "the read-out %.2f ms", len(texts), total,
+                          (time.perf_counter() - started) * 1000, decoding * 1000)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
         return out

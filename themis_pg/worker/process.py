@@ -15,6 +15,7 @@ current step, unfinished jobs go back to the queue, the worker row is removed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -73,6 +74,26 @@ def load_connections(settings: Settings) -> int:
     if settings.load_connections:
         return settings.load_connections
     return max(1, min(MAX_LOAD_CONNECTIONS, os.cpu_count() or 1))
+
+
+GC_PAUSE_LOG_MS = 0.5
+
+
+def watch_gc_pauses() -> None:
+    """At debug level: log every garbage collection that stops the worker's threads for
+    more than GC_PAUSE_LOG_MS (a search's budget is a few ms)."""
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            ms = (time.perf_counter() - started[0]) * 1000
+            if ms > GC_PAUSE_LOG_MS:
+                log.debug("gc of generation %d: %.2f ms, %d objects collected",
+                          info["generation"], ms, info["collected"])
+
+    gc.callbacks.append(on_gc)
 
 
 class Worker:
@@ -224,6 +245,8 @@ class Worker:
                     log.error("%s; search jobs will fail until this is fixed", exc.message)
             else:
                 store.register(self.kinds, self.stats())
+        if log.isEnabledFor(logging.DEBUG):
+            watch_gc_pauses()
         lanes: list[Lane] = []
         if searches:
             lanes.append(SearchLane(self))
