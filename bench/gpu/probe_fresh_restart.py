@@ -27,8 +27,8 @@ from themis_pg.retrieval.snapshot import (
 )
 
 PATH = Path("/tmp/probe_fresh.snapshot")
-VARIANTS = ("pinned", "pageable", "staged:8:4", "staged:8:2", "staged:16:2", "staged:4:8",
-            "staged:8:4")
+VARIANTS = ("pinned", "pageable", "staged:4:8", "staged:8:4", "staged:4:16", "staged:2:16",
+            "staged:4:8")
 
 
 def child(kind: str) -> None:

@@ -84,8 +84,11 @@ THRESHOLD_SHARE = 0.25  # near-ties of one query beyond this share of the rows: 
 EPS_SCAN = 2.0 ** -11 + 1e-4  # |approximate - exact fp32 score|, one-pass scan (fp32 query)
 EPS_GEMM = 3 * 2.0 ** -11 + 1e-4  # the same, GEMM path (fp16 query and fp16 scores)
 CHUNK_BYTES = 1 << 30  # the fp16 score block of one GEMM (1 GiB; transient)
-STAGE_BYTES = 4 << 20  # one pinned staging buffer of load_rows (two per thread)
-STAGE_THREADS = 8      # threads that read and copy a warm start's pieces
+# load_rows' staging: threads, and the bytes of each of a thread's two pinned buffers.  H200
+# host, 1M x 384 in a fresh process: 0.117 s at 4 x 8 MB, 0.122-0.135 at 8 x 4, 0.170 at
+# 8 x 2, 0.283 at 16 x 2 (bench/gpu/probe_fresh_restart.py, 2026-12-03)
+STAGE_BYTES = 8 << 20
+STAGE_THREADS = 4
 
 
 # Exact top-k selection per row by radix select: four 8-bit passes over the row find the key
