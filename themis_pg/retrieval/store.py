@@ -232,10 +232,10 @@ class RowMap:
         return self._row_of
 
     def host_buffer(self, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
-        """Pageable memory, for the GPU store too: a fresh process pays about 1.0 s to pin
-        1.5 GB (``cupyx.empty_pinned``, H200 host) to save 0.2 s of copy, so a warm restart
-        of 1M x 384 took 1.1-2.5 s pinned against 0.29-0.34 s pageable
-        (bench/gpu/probe_fresh_restart.py, each in a new process)."""
+        """Pageable memory, for the GPU store's cold load too: a fresh process pays about
+        1.0 s to pin 1.5 GB (``cupyx.empty_pinned``, H200 host) to save 0.2 s of copy
+        (bench/gpu/probe_fresh_restart.py).  A warm start stages through a few small pinned
+        buffers instead (``CupyStore.load_rows``)."""
         return np.empty(shape, dtype)
 
     def load_rows(self, ids: IdArray, source: RowSource) -> None:
