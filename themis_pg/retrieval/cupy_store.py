@@ -675,18 +675,26 @@ class CupyStore(RowMap):
         array."""
         cp = self._cp
         n = len(ids)
-        capacity = max(n, 1024)
         with cp.cuda.Device(self.device_id):
-            self._full = self._half = None  # free the old matrix before allocating the new
-            full = cp.empty((capacity, self.dim), cp.float32)
+            full = self._new_matrix(n)
             if isinstance(vectors, cp.ndarray):
                 full[:n] = vectors
             elif n:  # one copy from host memory, straight into place
                 full[:n].set(np.ascontiguousarray(vectors, np.float32))
-            full[n:] = 0
-            self._full = full
-            self._half = full.astype(cp.float16)
-        self._set_all_ids(ids, capacity)
+            self._adopt(full, ids)
+
+    def _new_matrix(self, n: int) -> Any:
+        """An fp32 matrix for ``n`` rows (at least 1024), rows from ``n`` on zero; the old
+        matrix is freed first, so a reload does not need room for two."""
+        self._full = self._half = None
+        full = self._cp.empty((max(n, 1024), self.dim), self._cp.float32)
+        full[n:] = 0
+        return full
+
+    def _adopt(self, full: Any, ids: IdArray) -> None:
+        self._full = full
+        self._half = full.astype(self._cp.float16)
+        self._set_all_ids(ids, full.shape[0])
 
     def load_rows(self, ids: IdArray, source: RowSource, *, stage_bytes: int = STAGE_BYTES,
                   threads: int = STAGE_THREADS) -> None:
@@ -718,19 +726,14 @@ class CupyStore(RowMap):
                     copied[i % 2] = stream.record()
                 stream.synchronize()
 
-        capacity = max(n, 1024)
         with cp.cuda.Device(self.device_id):
-            self._full = self._half = None  # free the old matrix before allocating the new
-            full = cp.empty((capacity, dim), cp.float32)
-            full[n:] = 0
+            full = self._new_matrix(n)
             try:
                 with ThreadPoolExecutor(lanes) as pool:
                     list(pool.map(lambda first: stage(first, full), range(lanes if n else 0)))
             finally:  # the staging buffers are a one-off: give them back to the system
                 cp.get_default_pinned_memory_pool().free_all_blocks()
-            self._full = full
-            self._half = full.astype(cp.float16)
-        self._set_all_ids(ids, capacity)
+            self._adopt(full, ids)
 
     def export(self) -> tuple[IdArray, FloatArray]:
         with self._cp.cuda.Device(self.device_id):
