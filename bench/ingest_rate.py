@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from themis_pg.generation import load_llama_first
@@ -54,18 +55,30 @@ def quantize(src: Path, dst: Path, ftype: int) -> None:
 
 
 def rate(model: Path, chunks: list[str], threads: int, gpu_layers: int,
-         window: int, batch: int, flash: bool) -> tuple[float, float, np.ndarray]:
-    embedder = Embedder(model, "bench", n_threads=threads or None, n_ctx=window,
-                        n_gpu_layers=gpu_layers, flash_attn=flash)
+         window: int, batch: int, flash: bool, parallel: int = 1
+         ) -> tuple[float, float, np.ndarray]:
+    """Chunks/s and tokens/s; with ``parallel`` > 1, that many embedders (one llama.cpp
+    context each) embed interleaved calls on as many threads."""
+    embedders = [Embedder(model, "bench", n_threads=threads or None, n_ctx=window,
+                          n_gpu_layers=gpu_layers, flash_attn=flash) for _ in range(parallel)]
+    calls = [chunks[i:i + batch] for i in range(0, len(chunks), batch)]
     try:
-        tokens = sum(min(embedder.count_tokens(c), embedder.max_tokens) for c in chunks)
-        embedder.embed(chunks[:batch])  # warm-up
+        tokens = sum(min(embedders[0].count_tokens(c), embedders[0].max_tokens) for c in chunks)
+        for e in embedders:
+            e.embed(chunks[:batch])  # warm-up
         started = time.perf_counter()
-        out = np.concatenate([embedder.embed(chunks[i:i + batch])
-                              for i in range(0, len(chunks), batch)])
+        if parallel == 1:
+            parts = [embedders[0].embed(c) for c in calls]
+        else:
+            with ThreadPoolExecutor(parallel) as pool:
+                shares = list(pool.map(lambda j: [embedders[j].embed(c)
+                                                  for c in calls[j::parallel]], range(parallel)))
+            parts = [shares[i % parallel][i // parallel] for i in range(len(calls))]
+        out = np.concatenate(parts)
         took = time.perf_counter() - started
     finally:
-        embedder.close()
+        for e in embedders:
+            e.close()
     return len(chunks) / took, tokens / took, out
 
 
@@ -76,6 +89,10 @@ def main() -> None:
     ap.add_argument("--gpu-layers", type=int, default=0)
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=BATCH, help="chunks per embed call")
+    ap.add_argument("--parallel", default="",
+                    help="e.g. 2,4,8: also that many embedders on as many threads (f16, "
+                    "512-token passes); with --only-parallel nothing else")
+    ap.add_argument("--only-parallel", action="store_true")
     ap.add_argument("--model", type=Path, default=None,
                     help="an f16 GGUF embedding model (default: the default model)")
     args = ap.parse_args()
@@ -96,6 +113,14 @@ def main() -> None:
                                     args.batch, False)
     print(f"| f16, 512-token passes, no flash attention | {base_rate:.1f} | {base_tok:.0f} "
           "| 1.00 | – |", flush=True)
+    for p in [int(x) for x in args.parallel.split(",") if x]:
+        r, tok, vec = rate(model, chunks, args.threads, args.gpu_layers, 512, args.batch, False,
+                           parallel=p)
+        cos = np.sum(vec * base, axis=1)
+        print(f"| f16, 512-token passes, {p} embedders on {p} threads | {r:.1f} | {tok:.0f} | "
+              f"{r / base_rate:.2f} | {cos.min():.4f} / {cos.mean():.4f} |", flush=True)
+    if args.only_parallel:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         q8 = Path(tmp) / "q8_0.gguf"
         quantize(model, q8, llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)

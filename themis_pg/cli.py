@@ -184,15 +184,34 @@ def models_register(ctx: Context, name: str, kind: str, path: Path, make_default
     click.echo(f"registered {rec.kind} model {rec.name} ({rec.sha256})")
 
 
-def _load_embedder(ctx: Context, conn: Any, name: str | None = None) -> Any:
-    from .embedding import Embedder
+def _load_embedder(ctx: Context, conn: Any, name: str | None = None,
+                   contexts: int = 1) -> Any:
+    """The registered embedding model (its file verified); with ``contexts`` > 1 a pool of
+    that many embedders sharing each call (ingest on a GPU, ``_ingest_embedder``)."""
+    from .embedding import Embedder, EmbedderPool
     from .models import verify_registered_model
     from .models.registry import get_model
 
     rec = get_model(conn, "embedding", name or ctx.settings.embedding_model or None)
-    return Embedder(verify_registered_model(rec, cache_dir=ctx.settings.model_cache), rec.name,
-                    n_threads=ctx.settings.n_threads, n_gpu_layers=ctx.settings.n_gpu_layers,
-                    flash_attn=ctx.settings.embedding_flash_attn)
+    path = verify_registered_model(rec, cache_dir=ctx.settings.model_cache)
+
+    def one() -> Embedder:
+        return Embedder(path, rec.name, n_threads=ctx.settings.n_threads,
+                        n_gpu_layers=ctx.settings.n_gpu_layers,
+                        flash_attn=ctx.settings.embedding_flash_attn)
+
+    return one() if contexts <= 1 else EmbedderPool([one() for _ in range(contexts)])
+
+
+INGEST_CHUNKS_PER_CONTEXT = 32  # chunks per embed call, per embedding context
+
+
+def _ingest_embedder(ctx: Context, conn: Any, name: str | None = None) -> tuple[Any, int]:
+    """The embedder for ingest and re-embedding, and the chunks per embed call for it."""
+    from .embedding import embedders_for
+
+    contexts = embedders_for(ctx.settings.ingest_embedders, ctx.settings.n_gpu_layers)
+    return _load_embedder(ctx, conn, name, contexts), INGEST_CHUNKS_PER_CONTEXT * contexts
 
 
 # -- LoRA adapters -----------------------------------------------------------------------------
@@ -377,8 +396,10 @@ def ingest(ctx: Context, paths: tuple[Path, ...], progress: bool) -> None:
 
     try:
         with connect(ctx.dsn) as conn:
-            report = ingest_paths(conn, list(paths), _load_embedder(ctx, conn),
-                                  progress=progress)
+            embedder, batch = _ingest_embedder(ctx, conn)
+            with embedder:
+                report = ingest_paths(conn, list(paths), embedder, progress=progress,
+                                      batch_size=batch)
     except ThemisError as exc:
         _fail(exc)
     click.echo(json.dumps(vars(report)))
@@ -396,7 +417,9 @@ def reembed(ctx: Context, model: str | None, progress: bool) -> None:
 
     try:
         with connect(ctx.dsn) as conn:
-            count = run_reembed(conn, _load_embedder(ctx, conn, model), progress=progress)
+            embedder, batch = _ingest_embedder(ctx, conn, model)
+            with embedder:
+                count = run_reembed(conn, embedder, progress=progress, batch_size=batch)
     except ThemisError as exc:
         _fail(exc)
     click.echo(f"re-embedded {count} documents")
@@ -509,8 +532,10 @@ def demo(ctx: Context, question: str) -> None:
         with connect(dsn) as conn:
             register_defaults(conn, ctx.settings.model_cache)
             click.echo("[4/6] ingesting the sample corpus")
-            report = ingest_paths(conn, [sample_corpus_dir()], _load_embedder(ctx, conn),
-                                  progress=True)
+            embedder, batch = _ingest_embedder(ctx, conn)
+            with embedder:
+                report = ingest_paths(conn, [sample_corpus_dir()], embedder, progress=True,
+                                      batch_size=batch)
             click.echo(f"      {json.dumps(vars(report))}")
             click.echo("      registering the demo LoRA adapters")
             _register_demo_adapters(ctx, conn, ctx.settings.home / "lora-demo")

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         "the model runs on the CPU).  Ingest's chunks/s: 1.7x on 2 CPU cores, 0.21x on an "
         "H200; vectors at cosine 1.0000 to those without (bench/ingest_rate.py).",
     )
+    ingest_embedders: int = Field(
+        default=0, ge=0,
+        description="Embedding contexts that `themis ingest` and `themis reembed` run at once "
+        "(0: 8 where the embedding model is on a GPU, 1 on a CPU).  H200: 3,161 chunks/s "
+        "with 8 against 855 with 1 (bench/ingest_rate.py --parallel); each holds its own "
+        "copy of the model.",
+    )
     engine: str = Field(
         default="batch",
         description="Generation engine: 'batch' (continuous batching: every running request "
