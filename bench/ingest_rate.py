@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from themis_pg.generation import load_llama_first
@@ -32,7 +31,7 @@ load_llama_first()
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from themis_pg.embedding import Embedder  # noqa: E402
+from themis_pg.embedding import Embedder, EmbedderPool  # noqa: E402
 from themis_pg.ingest.chunking import chunk_text  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent / "themis_pg" / "data" / "sample_corpus"
@@ -57,28 +56,21 @@ def quantize(src: Path, dst: Path, ftype: int) -> None:
 def rate(model: Path, chunks: list[str], threads: int, gpu_layers: int,
          window: int, batch: int, flash: bool, parallel: int = 1
          ) -> tuple[float, float, np.ndarray]:
-    """Chunks/s and tokens/s; with ``parallel`` > 1, that many embedders (one llama.cpp
-    context each) embed interleaved calls on as many threads."""
+    """Chunks/s and tokens/s; with ``parallel`` > 1 through an ``EmbedderPool`` of that many
+    embedders with ``batch`` chunks per context per call, as ``themis ingest`` runs it."""
     embedders = [Embedder(model, "bench", n_threads=threads or None, n_ctx=window,
                           n_gpu_layers=gpu_layers, flash_attn=flash) for _ in range(parallel)]
-    calls = [chunks[i:i + batch] for i in range(0, len(chunks), batch)]
+    embedder = embedders[0] if parallel == 1 else EmbedderPool(embedders)
+    per_call = batch * parallel
     try:
-        tokens = sum(min(embedders[0].count_tokens(c), embedders[0].max_tokens) for c in chunks)
-        for e in embedders:
-            e.embed(chunks[:batch])  # warm-up
+        tokens = sum(min(embedder.count_tokens(c), embedder.max_tokens) for c in chunks)
+        embedder.embed(chunks[:per_call])  # warm-up
         started = time.perf_counter()
-        if parallel == 1:
-            parts = [embedders[0].embed(c) for c in calls]
-        else:
-            with ThreadPoolExecutor(parallel) as pool:
-                shares = list(pool.map(lambda j: [embedders[j].embed(c)
-                                                  for c in calls[j::parallel]], range(parallel)))
-            parts = [shares[i % parallel][i // parallel] for i in range(len(calls))]
-        out = np.concatenate(parts)
+        out = np.concatenate([embedder.embed(chunks[i:i + per_call])
+                              for i in range(0, len(chunks), per_call)])
         took = time.perf_counter() - started
     finally:
-        for e in embedders:
-            e.close()
+        embedder.close()
     return len(chunks) / took, tokens / took, out
 
 
@@ -90,8 +82,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=BATCH, help="chunks per embed call")
     ap.add_argument("--parallel", default="",
-                    help="e.g. 2,4,8: also that many embedders on as many threads (f16, "
-                    "512-token passes); with --only-parallel nothing else")
+                    help="e.g. 2,4,8: also an EmbedderPool of that many embedders, --batch "
+                    "chunks per embedder per call (f16, 512-token passes, as ingest); with "
+                    "--only-parallel nothing else")
     ap.add_argument("--only-parallel", action="store_true")
     ap.add_argument("--model", type=Path, default=None,
                     help="an f16 GGUF embedding model (default: the default model)")
@@ -117,7 +110,7 @@ def main() -> None:
         r, tok, vec = rate(model, chunks, args.threads, args.gpu_layers, 512, args.batch, False,
                            parallel=p)
         cos = np.sum(vec * base, axis=1)
-        print(f"| f16, 512-token passes, {p} embedders on {p} threads | {r:.1f} | {tok:.0f} | "
+        print(f"| f16, 512-token passes, EmbedderPool of {p} | {r:.1f} | {tok:.0f} | "
               f"{r / base_rate:.2f} | {cos.min():.4f} / {cos.mean():.4f} |", flush=True)
     if args.only_parallel:
         return
