@@ -98,8 +98,8 @@ class Settings(BaseSettings):
         default=0, ge=0,
         description="Embedding contexts that `themis ingest` and `themis reembed` run at once "
         "(0: 8 where the embedding model is on a GPU, 1 on a CPU).  H200: 3,161 chunks/s "
-        "with 8 against 855 with 1 (bench/ingest_rate.py --parallel); each holds its own "
-        "copy of the model.",
+        "from 8 contexts against 855 from 1 (bench/ingest_rate.py --parallel); each holds "
+        "its own copy of the model.",
     )
     engine: str = Field(
         default="batch",
