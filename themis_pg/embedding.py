@@ -24,8 +24,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import llama_cpp
 import numpy as np
@@ -38,7 +37,20 @@ __all__ = ["Embedder", "EmbedderPool"]
 log = logging.getLogger(__name__)
 
 
-class Embedder:
+class _Closes:
+    """``with`` support for what holds llama.cpp memory: ``close`` at the block's end."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Embedder(_Closes):
     """A GGUF embedding model loaded in llama.cpp; vectors are float32 and L2-normalised."""
 
     def __init__(
@@ -216,22 +228,11 @@ class Embedder:
         with contextlib.suppress(Exception):
             self.close()
 
-    def __enter__(self) -> Embedder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Embedder(name={self._name!r}, path={str(self._path)!r}, dim={self._dim})"
 
 
-class EmbedderPool:
+class EmbedderPool(_Closes):
     """Several embedders of one model, each a llama.cpp context of its own, that embed the
     shares of one call on as many threads (``llama_decode`` runs without the GIL).
 
@@ -288,17 +289,6 @@ class EmbedderPool:
             self._threads.shutdown()
         for embedder in self._embedders:
             embedder.close()
-
-    def __enter__(self) -> EmbedderPool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def embedders_for(setting: int, n_gpu_layers: int) -> int:
