@@ -150,6 +150,15 @@ def _read_into(fd: int, out: memoryview, offset: int, threads: int | None = None
         list(pool.map(read, pieces))
 
 
+def _read_file(path: Path, out: memoryview, offset: int, threads: int | None = None) -> None:
+    """``_read_into`` on a descriptor of its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _read_into(fd, out, offset, threads)
+    finally:
+        os.close(fd)
+
+
 def read_header(path: Path) -> SnapshotMeta:
     """The header of the snapshot at ``path``; ValueError if it is not a whole snapshot."""
     with path.open("rb") as f:
@@ -184,13 +193,9 @@ class VectorFile:
                 not out.flags.c_contiguous or first < 0 or first + len(out) > self.rows:
             raise ValueError(f"cannot read rows {first}..{first + len(out)} of a {self.rows} "
                              f"x {self.dim} snapshot into a {out.dtype} array {out.shape}")
-        if not len(out):
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            _read_into(fd, out.data.cast("B"), self.offset + 4 * self.dim * first, threads)
-        finally:
-            os.close(fd)
+        if len(out):
+            _read_file(self.path, out.data.cast("B"), self.offset + 4 * self.dim * first,
+                       threads)
 
 
 def read_ids(path: Path, meta: SnapshotMeta) -> tuple[npt.NDArray[np.int64], VectorFile]:
@@ -198,11 +203,7 @@ def read_ids(path: Path, meta: SnapshotMeta) -> tuple[npt.NDArray[np.int64], Vec
     ids_at, vectors_at, _ = _layout(len(meta.header()), meta.rows, meta.dim)
     ids = np.empty(meta.rows, np.int64)
     if meta.rows:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            _read_into(fd, ids.data.cast("B"), ids_at)
-        finally:
-            os.close(fd)
+        _read_file(path, ids.data.cast("B"), ids_at)
     return ids, VectorFile(path, vectors_at, meta.rows, meta.dim)
 
 
