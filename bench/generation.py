@@ -24,6 +24,7 @@ and each path's ratio to the sequential peer.  Markdown to stdout, figures to ``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -223,12 +224,18 @@ def main() -> None:
     ap.add_argument("--sequential-max", type=int, default=10**9,
                     help="run the sequential peer only up to this concurrency (it is linear)")
     ap.add_argument("--kv", default="split", help="the engine's KV layout: split, unified, or both")
+    ap.add_argument("--n-batch", type=int, default=2048,
+                    help="tokens per engine step (llama.cpp n_batch), also given to llama-server")
+    ap.add_argument("--ubatch", default="512",
+                    help="the engine's n_ubatch, one engine run per value (e.g. 512,2048); "
+                    "llama-server gets the last")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = args.model or default_generation_model()
     peer = LlamaGenerator(model, "bench", n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
     levels = [int(x) for x in args.concurrency.split(",")]
+    ubatches = [int(x) for x in args.ubatch.split(",")]
     rows: list[dict[str, Any]] = []
     for c in levels:
         *reqs, warm = payloads(c + 1, args.contexts, args.context_words, args.max_tokens,
@@ -238,15 +245,17 @@ def main() -> None:
         shared_tokens = min((common_head(prompts[0], t) for t in prompts[1:]),
                             default=len(prompts[0]))
         per_seq = int((prompt_tokens + args.max_tokens) * 1.2) + 64
-        for layout in (["split", "unified"] if args.kv == "both" else [args.kv]):
+        for layout, ubatch in itertools.product(
+                ["split", "unified"] if args.kv == "both" else [args.kv], ubatches):
             unified = layout == "unified"
-            engine = BatchEngine(peer, max_sequences=max(c, 1), n_batch=2048, ignore_eog=True,
+            engine = BatchEngine(peer, max_sequences=max(c, 1), n_batch=args.n_batch,
+                                 n_ubatch=ubatch, ignore_eog=True,
                                  kv_cells=per_seq * (c + (0 if unified else 1)) + 256,
                                  unified=unified)
             try:
                 run_engine(engine, [warm])  # another call first, as a running server has had
                 row = run_engine(engine, reqs)
-                row["path"] += f" ({layout} KV)"
+                row["path"] += f" ({layout} KV, ubatch {ubatch})"
                 rows.append(dict(row, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens,
                                  prefix=engine.snapshot()["prefix"]))
             finally:
@@ -254,8 +263,11 @@ def main() -> None:
         if not args.no_sequential and c <= args.sequential_max:
             rows.append(dict(run_sequential(peer, reqs), prompt_tokens=prompt_tokens))
         if args.llama_server:
-            rows.append(dict(run_llama_server(args.llama_server, model, peer, reqs,
-                                              args.n_gpu_layers), prompt_tokens=prompt_tokens))
+            batching = ("-b", str(args.n_batch), "-ub", str(min(ubatches[-1], args.n_batch)))
+            served = run_llama_server(args.llama_server, model, peer, reqs, args.n_gpu_layers,
+                                      server_args=batching)
+            served["path"] += f" (-b {batching[1]} -ub {batching[3]})"
+            rows.append(dict(served, prompt_tokens=prompt_tokens))
         log.info("%s", rows[-3:])
         if args.json:  # after every level: a run cut short keeps what it measured
             args.json.write_text(json.dumps(rows, indent=1))

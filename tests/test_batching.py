@@ -123,6 +123,38 @@ def test_prompts_together_give_what_they_give_alone(generator, unified, shared_h
                                       if o.result)
 
 
+def test_micro_batches_smaller_than_a_step_read_the_same_prompts(generator):
+    """n_ubatch below n_batch: llama.cpp computes a step's prompt tokens in several
+    micro-batches.  The context gets the size asked for (by default the step's), and the
+    five prompts read 16 tokens at a time give what one 512-token micro-batch gives, every
+    divergence on a near-tie."""
+    import llama_cpp
+
+    traces = {}
+    for ubatch in (16, None):
+        engine = _engine(generator, n_batch=512, n_ubatch=ubatch, prefix_min=10**6)
+        try:
+            assert llama_cpp.llama_n_ubatch(engine._ctx) == (ubatch or 512)
+            calls = Calls(engine)
+            for i, p in enumerate(PROMPTS):
+                calls.submit(i, p)
+            out = calls.wait(len(PROMPTS))
+            assert all(o.result is not None for o in out.values())
+            traces[ubatch] = dict(engine.traces)
+        finally:
+            engine.close()
+    for i in range(len(PROMPTS)):
+        same_or_near_tie(traces[None][i], traces[16][i])
+
+
+def test_batch_tokens_follow_the_setting_else_the_device():
+    from themis_pg.config import Settings
+    from themis_pg.worker.process import batch_tokens
+
+    assert batch_tokens(Settings(batch_tokens=1024)) == 1024
+    assert batch_tokens(Settings(n_gpu_layers=0)) == 512, "on a CPU a step stays short"
+
+
 def test_cancel_ends_one_sequence_and_leaves_the_others(generator):
     alone = {i: _alone(generator, PROMPTS[i], 40) for i in (0, 2)}
     reference = _engine(generator)  # the same three together, without the cancel

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from themis_pg.errors import ModelNotFound
+from themis_pg.memory import gpu_offload
 
 __all__ = ["Embedder", "EmbedderPool"]
 
@@ -81,7 +82,7 @@ class Embedder(_Closes):
         self._lock = threading.Lock()
 
         if flash_attn is None:
-            flash_attn = n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload()
+            flash_attn = not gpu_offload(n_gpu_layers)
 
         def load(pooling: int) -> llama_cpp.Llama:
             return self._load(path, n_threads, n_ctx, n_gpu_layers, pooling, flash_attn)
@@ -296,7 +297,7 @@ def embedders_for(setting: int, n_gpu_layers: int) -> int:
     a GPU (the H200's best measured; 4 gave 2,055 chunks/s, 2 gave 1,217) and 1 on a CPU."""
     if setting > 0:
         return setting
-    return 8 if n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload() else 1
+    return 8 if gpu_offload(n_gpu_layers) else 1
 
 
 class _BatchArrays:

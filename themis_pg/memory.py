@@ -136,11 +136,12 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, bytes_per_element: float = 2.0
     return int(n_ctx * shape.n_layer * shape.kv_width * bytes_per_element)
 
 
-def gpu_offload() -> bool:
-    """Whether this llama.cpp build can put layers on a GPU."""
+def gpu_offload(n_gpu_layers: int = -1) -> bool:
+    """Whether llama.cpp puts a model's layers on a GPU: this build can, and
+    ``n_gpu_layers`` (THEMIS_N_GPU_LAYERS) asks for at least one."""
     import llama_cpp
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def device_total_bytes(device: str) -> int | None:
@@ -162,7 +163,7 @@ def plan_worker_memory(*, store_device: str, rows: int, dim: int, embedding_mode
                        kv_type: str = "f16", budget: str = "") -> MemoryPlan:
     """The plan of a worker about to load: the matrix for ``rows``, the models and the KV
     cache (``kv_cells`` cells of ``kv_type``) where llama.cpp will put them."""
-    offload = n_gpu_layers != 0 and gpu_offload()
+    offload = gpu_offload(n_gpu_layers)
     model_device = (store_device if store_device.startswith("cuda") else "cuda:0") \
         if offload else "cpu"
     kind = "cuda" if store_device.startswith("cuda") else "cpu"

@@ -1,30 +1,32 @@
 #!/bin/bash
 # The GPU machine's run for the continuous-batching issue, in one command:
-#   bash bench/gpu/issue8.sh     (from the repository root; .carry8/ holds the llama.cpp kit,
-#                                 its unpack script, tok.gguf and the wheels: see
-#                                 bench/gpu/random_model.py)
+#   CARRY=.carry11 bash bench/gpu/issue8.sh   (from the repository root; $CARRY holds the
+#                 llama.cpp core and tools kits, their unpack script, tok.gguf and the wheels:
+#                 see bench/gpu/random_model.py)
 # Random-weight models of two real shapes (SmolLM2-135M Q4_1, Mistral-7B Q4_K_M); on each,
 # bench/generation.py (this engine, sequential calls, llama-server).  PROFILE=1 first times
 # the engine's steps against bare llama_decode (bench/gpu/profile_engine.sh); CEILING=1 runs
 # llama-batched-bench on the 7B (the engine's ceiling); SHARED=1 (default) repeats the 7B run
 # with a shared ~150-token head; SMALL=0 skips the 135M model.  Env: LEVELS, KV, SEQ_MAX,
-# *_TIMEOUT.
+# UBATCH (the engine's n_ubatch values, e.g. 512,2048; the ceiling runs at each), *_TIMEOUT.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG="$OUT/logs.txt"
-pip install -q --no-index --no-deps --target /tmp/site .carry8/*.whl 2>> "$LOG"
-eval "$(bash .carry8/gpu-llama-unpack.sh .carry8)"
+C=${CARRY:-.carry8}
+UBATCH=${UBATCH:-512}
+pip install -q --no-index --no-deps --target /tmp/site $C/*.whl 2>> "$LOG"
+eval "$(bash $C/gpu-llama-unpack.sh $C)"
 export PYTHONPATH=$PWD:$PWD/bench:/tmp/site:$PYTHONPATH
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; } > "$OUT/gpu.txt"
 gen() {  # model, output name, timeout, extra arguments
   timeout "$3" python3 -X faulthandler bench/generation.py --model "$1" --n-gpu-layers -1 ${4:-} \
     --concurrency "${LEVELS:-1,4,16,32,64}" --max-tokens 128 --contexts 4 --context-words 200 \
-    --n-ctx 2048 --kv "${KV:-both}" --sequential-max "${SEQ_MAX:-16}" \
+    --n-ctx 2048 --kv "${KV:-both}" --ubatch "$UBATCH" --sequential-max "${SEQ_MAX:-16}" \
     --llama-server "$LLAMA_BIN/llama-server" --json "$OUT/$2.json" > "$OUT/$2.md" 2>> "$LOG"
   cat "$OUT/$2.md"
 }
-python3 bench/gpu/random_model.py smollm135m .carry8/tok.gguf /tmp/s135-f16.gguf >> "$LOG" 2>&1
+python3 bench/gpu/random_model.py smollm135m $C/tok.gguf /tmp/s135-f16.gguf >> "$LOG" 2>&1
 "$LLAMA_BIN/llama-quantize" /tmp/s135-f16.gguf /tmp/s135.gguf Q4_1 16 > /dev/null 2>> "$LOG"
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 120 python3 bench/gpu/decode_floor.py /tmp/s135.gguf > "$OUT/floor.md" 2>> "$LOG"
@@ -33,14 +35,16 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 [ "${SMALL:-1}" = 1 ] && gen /tmp/s135.gguf generation-s135 "${SMALL_TIMEOUT:-150}"
 t0=$(date +%s)
-python3 bench/gpu/random_model.py mistral7b .carry8/tok.gguf /tmp/m7b-f16.gguf >> "$LOG" 2>&1
+python3 bench/gpu/random_model.py mistral7b $C/tok.gguf /tmp/m7b-f16.gguf >> "$LOG" 2>&1
 "$LLAMA_BIN/llama-quantize" /tmp/m7b-f16.gguf /tmp/m7b.gguf Q4_K_M 16 > /dev/null 2>> "$LOG"
 rm -f /tmp/m7b-f16.gguf
 echo "7B model made in $(( $(date +%s) - t0 )) s"
 if [ "${CEILING:-0}" = 1 ]; then
-  timeout 150 "$LLAMA_BIN/llama-batched-bench" -m /tmp/m7b.gguf -c 90000 -b 2048 -ub 512 \
-    -npp 1000 -ntg 128 -npl "${LEVELS:-1,4,16,32,64}" -ngl 99 -fa on > "$OUT/batched.txt" 2>> "$LOG"
-  grep "^|" "$OUT/batched.txt"
+  for ub in ${UBATCH//,/ }; do
+    timeout 150 "$LLAMA_BIN/llama-batched-bench" -m /tmp/m7b.gguf -c 90000 -b 2048 -ub "$ub" \
+      -npp 1000 -ntg 128 -npl "${LEVELS:-1,4,16,32,64}" -ngl 99 -fa on > "$OUT/batched-$ub.txt" 2>> "$LOG"
+    echo "batched-bench -b 2048 -ub $ub"; grep "^|" "$OUT/batched-$ub.txt"
+  done
 fi
 gen /tmp/m7b.gguf generation "${GEN_TIMEOUT:-300}"
 # the same with a ~150-token head shared by every prompt (RAG instructions + a common document)

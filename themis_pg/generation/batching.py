@@ -148,12 +148,16 @@ class BatchEngine:
     """Continuous batching for one generation model (see the module doc)."""
 
     def __init__(self, generator: LlamaGenerator, *, max_sequences: int = 16,
-                 kv_cells: int | None = None, n_batch: int = 512, prefix_min: int = 16,
+                 kv_cells: int | None = None, n_batch: int = 512,
+                 n_ubatch: int | None = None, prefix_min: int = 16,
                  kv_type: str = "f16", n_threads: int | None = None,
                  record_margins: bool = False, ignore_eog: bool = False,
                  unified: bool = True, prefill_chunk: int | None = None,
                  adapters: Sequence[tuple[Any, float]] = ()) -> None:
-        """``adapters``: loaded LoRA adapters (``llama_adapter_lora_init``) and their scales,
+        """``n_batch``: the most tokens one step puts into its ``llama_decode``; ``n_ubatch``
+        (default: ``n_batch``): the most llama.cpp computes at once inside it, so a step's
+        prompt tokens are one matrix product over the weights rather than several.
+        ``adapters``: loaded LoRA adapters (``llama_adapter_lora_init``) and their scales,
         applied to every sequence of this engine (adapters apply per llama.cpp context).
         ``ignore_eog`` (benchmarks only) generates ``max_tokens`` tokens whatever is
         sampled, so runs of random-weight models have a fixed length."""
@@ -182,7 +186,7 @@ class BatchEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.kv_cells
         params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, 512)
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         params.n_seq_max = max_sequences + 1  # + the cached prefix
         params.kv_unified = unified
         threads = n_threads or os.cpu_count() or 1

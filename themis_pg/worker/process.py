@@ -34,7 +34,7 @@ from ..generation.adapters import AdapterEngines
 from ..generation.engine import GenerationEngine, SequentialEngine
 from ..generation.llama import LlamaGenerator
 from ..lora.registry import AdapterCache
-from ..memory import MemoryBudgetExceeded, plan_worker_memory
+from ..memory import MemoryBudgetExceeded, gpu_offload, plan_worker_memory
 from ..models import verify_registered_model
 from ..models.registry import get_model
 from ..pl.payloads import AdapterUse, Limits
@@ -62,6 +62,15 @@ def kv_cells(settings: Settings) -> int:
     if settings.kv_layout == "unified":
         return min(settings.n_ctx * settings.max_sequences, 16384)
     return settings.n_ctx * (settings.max_sequences + 1)
+
+
+def batch_tokens(settings: Settings) -> int:
+    """Tokens per decode step of the batch engine: THEMIS_BATCH_TOKENS, else 2048 where the
+    generation model is offloaded to a GPU (larger steps make a prompt's tokens one matrix
+    product; docs/benchmarks.md) and 512 on a CPU (a step's length there is seconds)."""
+    if settings.batch_tokens:
+        return settings.batch_tokens
+    return 2048 if gpu_offload(settings.n_gpu_layers) else 512
 
 
 MAX_LOAD_CONNECTIONS = 16  # bench/load.py on the 16-core H200 host: 16 best, 32 slower
@@ -186,7 +195,7 @@ class Worker:
         return AdapterEngines(generator, adapter_file, max_sequences=settings.max_sequences,
                               max_sets=settings.max_adapter_sets, kv_cells=cells,
                               kv_type=settings.kv_type, n_threads=settings.n_threads,
-                              unified=unified)
+                              unified=unified, n_batch=batch_tokens(settings))
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
