@@ -224,18 +224,17 @@ def main() -> None:
     ap.add_argument("--sequential-max", type=int, default=10**9,
                     help="run the sequential peer only up to this concurrency (it is linear)")
     ap.add_argument("--kv", default="split", help="the engine's KV layout: split, unified, or both")
-    ap.add_argument("--n-batch", type=int, default=2048,
-                    help="tokens per engine step (llama.cpp n_batch), also given to llama-server")
-    ap.add_argument("--ubatch", default="512",
-                    help="the engine's n_ubatch, one engine run per value (e.g. 512,2048); "
-                    "llama-server gets the last")
+    ap.add_argument("--batches", default="2048/2048",
+                    help="the engine's n_batch/n_ubatch (tokens per step / per llama.cpp "
+                    "micro-batch), one engine run per pair, e.g. 2048/512,4096/2048; "
+                    "llama-server gets the last pair")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = args.model or default_generation_model()
     peer = LlamaGenerator(model, "bench", n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
     levels = [int(x) for x in args.concurrency.split(",")]
-    ubatches = [int(x) for x in args.ubatch.split(",")]
+    batches = [tuple(int(x) for x in pair.split("/")) for pair in args.batches.split(",")]
     rows: list[dict[str, Any]] = []
     for c in levels:
         *reqs, warm = payloads(c + 1, args.contexts, args.context_words, args.max_tokens,
@@ -245,17 +244,17 @@ def main() -> None:
         shared_tokens = min((common_head(prompts[0], t) for t in prompts[1:]),
                             default=len(prompts[0]))
         per_seq = int((prompt_tokens + args.max_tokens) * 1.2) + 64
-        for layout, ubatch in itertools.product(
-                ["split", "unified"] if args.kv == "both" else [args.kv], ubatches):
+        for layout, (n_batch, n_ubatch) in itertools.product(
+                ["split", "unified"] if args.kv == "both" else [args.kv], batches):
             unified = layout == "unified"
-            engine = BatchEngine(peer, max_sequences=max(c, 1), n_batch=args.n_batch,
-                                 n_ubatch=ubatch, ignore_eog=True,
+            engine = BatchEngine(peer, max_sequences=max(c, 1), n_batch=n_batch,
+                                 n_ubatch=n_ubatch, ignore_eog=True,
                                  kv_cells=per_seq * (c + (0 if unified else 1)) + 256,
                                  unified=unified)
             try:
                 run_engine(engine, [warm])  # another call first, as a running server has had
                 row = run_engine(engine, reqs)
-                row["path"] += f" ({layout} KV, ubatch {ubatch})"
+                row["path"] += f" ({layout} KV, -b {n_batch} -ub {n_ubatch})"
                 rows.append(dict(row, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens,
                                  prefix=engine.snapshot()["prefix"]))
             finally:
@@ -263,7 +262,7 @@ def main() -> None:
         if not args.no_sequential and c <= args.sequential_max:
             rows.append(dict(run_sequential(peer, reqs), prompt_tokens=prompt_tokens))
         if args.llama_server:
-            batching = ("-b", str(args.n_batch), "-ub", str(min(ubatches[-1], args.n_batch)))
+            batching = ("-b", str(batches[-1][0]), "-ub", str(batches[-1][1]))
             served = run_llama_server(args.llama_server, model, peer, reqs, args.n_gpu_layers,
                                       server_args=batching)
             served["path"] += f" (-b {batching[1]} -ub {batching[3]})"

@@ -294,3 +294,29 @@ def test_greedy_token_picks_what_llama_cpps_own_samplers_pick(seed):
         before = logits.copy()
         assert greedy_token(logits, window[-PENALTY_LAST_N:]) == theirs
         assert np.array_equal(logits, before)
+
+
+def test_penalties_on_a_step_of_rows_match_one_row_at_a_time():
+    """The engine penalises every greedy row of a step at once; each row must come out as
+    the one-vector penalty leaves it (windows with repeats, empty ones, negative logits)."""
+    import numpy as np
+
+    from themis_pg.generation.batching import penalize_rows, penalized
+    from themis_pg.generation.llama import REPEAT_PENALTY
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2, (9, 512)).astype(np.float32)
+    logits[3] -= logits[3].max() + 1  # every logit negative
+    windows = [[int(t) for t in rng.integers(0, 512, int(rng.integers(0, 70)))]
+               for _ in range(9)]
+    windows[0] = []
+    windows[1] = [5, 5, 5, 9]
+    before = logits.copy()
+    want = np.stack([penalized(row, w) for row, w in zip(logits, windows, strict=True)])
+    penalize_rows(logits, windows)
+    assert np.array_equal(logits, want)
+    assert np.array_equal(logits[0], before[0]), "an empty window changes nothing"
+    factor = np.float32(REPEAT_PENALTY)
+    x = before[1][5]
+    assert logits[1][5] == (x * factor if x <= 0 else x / factor), "a repeat counts once"
+    assert np.count_nonzero(logits != before) == sum(len(set(w)) for w in windows)

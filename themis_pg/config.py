@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     ingest_embedders: int = Field(
         default=0, ge=0,
         description="Embedding contexts that `themis ingest` and `themis reembed` run at once "
-        "(0: 8 where the embedding model is on a GPU, 1 on a CPU).  H200: 3,161 chunks/s "
-        "from 8 contexts against 855 from 1 (bench/ingest_rate.py --parallel); each holds "
+        "(0: 8 where the embedding model is on a GPU, 1 on a CPU).  H200: 2,701 chunks/s "
+        "from 8 contexts against 752 from 1 (bench/ingest_rate.py --parallel); each holds "
         "its own copy of the model.",
     )
     engine: str = Field(

@@ -238,9 +238,9 @@ class EmbedderPool(_Closes):
     shares of one call on as many threads (``llama_decode`` runs without the GIL).
 
     Why: on a GPU one embedding pass is host work (graph, launches, the attention mask), not
-    GPU work, so one context leaves the GPU mostly idle. On the H200, 8 contexts on their
-    own threads embedded 3,161 chunks/s against 855 for one, with the same vectors
-    (bench/ingest_rate.py --parallel, 2026-12-03, before it went through this class).
+    GPU work, so one context leaves the GPU mostly idle. On the H200 a pool of 8 embedded
+    2,701 chunks/s against 752 for one embedder, with the same vectors
+    (bench/ingest_rate.py --parallel, 2026-12-03).
     Each context holds its own copy of the model's weights (about 45 MB for
     all-MiniLM-L6-v2). On a CPU, one context already uses every core, so ingest uses one
     there (``embedders_for``)."""

@@ -8,13 +8,14 @@
 # the engine's steps against bare llama_decode (bench/gpu/profile_engine.sh); CEILING=1 runs
 # llama-batched-bench on the 7B (the engine's ceiling); SHARED=1 (default) repeats the 7B run
 # with a shared ~150-token head; SMALL=0 skips the 135M model.  Env: LEVELS, KV, SEQ_MAX,
-# UBATCH (the engine's n_ubatch values, e.g. 512,2048; the ceiling runs at each), *_TIMEOUT.
+# BATCHES (the engine's n_batch/n_ubatch pairs, e.g. 2048/512,4096/2048; the ceiling runs at
+# each), *_TIMEOUT.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG="$OUT/logs.txt"
 C=${CARRY:-.carry8}
-UBATCH=${UBATCH:-512}
+BATCHES=${BATCHES:-2048/2048}
 pip install -q --no-index --no-deps --target /tmp/site $C/*.whl 2>> "$LOG"
 eval "$(bash $C/gpu-llama-unpack.sh $C)"
 export PYTHONPATH=$PWD:$PWD/bench:/tmp/site:$PYTHONPATH
@@ -22,7 +23,7 @@ export PYTHONPATH=$PWD:$PWD/bench:/tmp/site:$PYTHONPATH
 gen() {  # model, output name, timeout, extra arguments
   timeout "$3" python3 -X faulthandler bench/generation.py --model "$1" --n-gpu-layers -1 ${4:-} \
     --concurrency "${LEVELS:-1,4,16,32,64}" --max-tokens 128 --contexts 4 --context-words 200 \
-    --n-ctx 2048 --kv "${KV:-both}" --ubatch "$UBATCH" --sequential-max "${SEQ_MAX:-16}" \
+    --n-ctx 2048 --kv "${KV:-both}" --batches "$BATCHES" --sequential-max "${SEQ_MAX:-16}" \
     --llama-server "$LLAMA_BIN/llama-server" --json "$OUT/$2.json" > "$OUT/$2.md" 2>> "$LOG"
   cat "$OUT/$2.md"
 }
@@ -40,10 +41,11 @@ python3 bench/gpu/random_model.py mistral7b $C/tok.gguf /tmp/m7b-f16.gguf >> "$L
 rm -f /tmp/m7b-f16.gguf
 echo "7B model made in $(( $(date +%s) - t0 )) s"
 if [ "${CEILING:-0}" = 1 ]; then
-  for ub in ${UBATCH//,/ }; do
-    timeout 150 "$LLAMA_BIN/llama-batched-bench" -m /tmp/m7b.gguf -c 90000 -b 2048 -ub "$ub" \
-      -npp 1000 -ntg 128 -npl "${LEVELS:-1,4,16,32,64}" -ngl 99 -fa on > "$OUT/batched-$ub.txt" 2>> "$LOG"
-    echo "batched-bench -b 2048 -ub $ub"; grep "^|" "$OUT/batched-$ub.txt"
+  for pair in ${BATCHES//,/ }; do
+    b=${pair%/*}; ub=${pair#*/}
+    timeout 150 "$LLAMA_BIN/llama-batched-bench" -m /tmp/m7b.gguf -c 90000 -b "$b" -ub "$ub" \
+      -npp 1000 -ntg 128 -npl "${LEVELS:-1,4,16,32,64}" -ngl 99 -fa on > "$OUT/batched-$b-$ub.txt" 2>> "$LOG"
+    echo "batched-bench -b $b -ub $ub"; grep "^|" "$OUT/batched-$b-$ub.txt"
   done
 fi
 gen /tmp/m7b.gguf generation "${GEN_TIMEOUT:-300}"

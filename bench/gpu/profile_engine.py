@@ -26,14 +26,14 @@ def run(g: LlamaGenerator, c: int, unified: bool, threads: int | None) -> dict[s
     e = BatchEngine(g, max_sequences=c, kv_cells=512 * (c + 1), unified=unified,
                     n_threads=threads, ignore_eog=True, n_batch=2048)
     sample_s = [0.0]
-    sample = e._sample
+    sample = e._sample_all
 
-    def timed_sample(s: Any, i: int) -> None:
+    def timed_sample(sampled: list[Any]) -> None:
         t = time.perf_counter()
-        sample(s, i)
+        sample(sampled)
         sample_s[0] += time.perf_counter() - t
 
-    e._sample = timed_sample  # type: ignore[method-assign]
+    e._sample_all = timed_sample  # type: ignore[method-assign]
     done = threading.Semaphore(0)
     t0 = time.perf_counter()
     for i in range(c):
