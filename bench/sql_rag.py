@@ -7,14 +7,18 @@
     python bench/sql_rag.py --dsn "$DSN" --engine --model m.gguf --clients 64 --calls 2
 
 ``--fill N`` inserts N documents of ``--words`` random words without embeddings (the worker
-embeds them).  ``--sql`` runs pgbench with a custom script: each of ``--clients`` clients
-calls ``themis_rag(query, k, max_tokens => M)`` ``--calls`` times, the query drawn from
-``QUERIES`` numbered texts; pgbench gives requests/s and failed calls.  ``--engine`` builds the
-worker's generation engine from the same settings (``Worker._engine``) in this process and
-gives it the same requests: each query's prompt from the ``k`` documents ``themis_search``
-returns for it (read once beforehand, so both sides generate from the same prompts),
-``--clients x --calls`` of them submitted at once (the engine runs at most its
-``max_sequences`` together).  ``--json`` appends each side's figures to one file.
+embeds them).  ``--sql`` warms the worker with two calls, one after the other, then runs
+pgbench with a custom script: each of ``--clients`` clients calls ``themis_rag(query, k,
+max_tokens => M)`` ``--calls`` times, the query drawn from ``QUERIES`` numbered texts; pgbench
+gives requests/s and failed calls.  It then reads back, from the jobs table, the generation
+requests the worker ran, in the order it took them (warm-up first), and the worker's engine
+figures from ``themis_stats()``.  ``--engine`` builds the worker's generation engine from
+the same settings (``Worker._engine``) in this process and gives it the same requests: the
+same two warm-up calls one after the other, then every request pgbench made, in the order
+the worker took them, submitted at once (the engine runs at most ``max_sequences``
+together).  The order matters: the engine learns its cached prefix from consecutive
+prompts, so both sides must see the same sequence.  ``--json`` appends each side's figures
+to one file.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import psycopg
 log = logging.getLogger("bench.sql_rag")
 
 QUERIES = 128
+WARM_CALLS = 2
 WORDS = ("rotate", "key", "cluster", "backup", "index", "replica", "vacuum", "certificate",
          "token", "shard", "lease", "worker", "snapshot", "schema", "commit", "restore",
          "policy", "channel", "socket", "buffer")
@@ -50,10 +55,23 @@ def fill(dsn: str, rows: int, words: int) -> None:
     log.info("inserted %d documents of %d words", rows, words)
 
 
+def rag_sql(args: argparse.Namespace, query_id: int | str) -> str:
+    return (f"SELECT themis_rag('Question ' || {query_id} || ': how do I rotate the key?', "
+            f"{args.k}, max_tokens => {args.max_tokens})")
+
+
+def one(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
 def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
-    script = (f"\\set id random(1, {QUERIES})\n"
-              f"SELECT themis_rag('Question ' || :id || ': how do I rotate the key?', {args.k}, "
-              f"max_tokens => {args.max_tokens});\n")
+    with psycopg.connect(args.dsn, autocommit=True) as conn:
+        for _ in range(WARM_CALLS):  # as the engine alone is warmed
+            conn.execute(rag_sql(args, 1))
+        first_job = one(conn, "SELECT coalesce(max(id), 0) FROM themis.jobs")
+    script = f"\\set id random(1, {QUERIES})\n{rag_sql(args, ':id')};\n"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     cmd = [args.pgbench, "-n", "-c", str(args.clients), "-j", str(min(args.clients, 16)),
@@ -65,46 +83,48 @@ def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
     processed = re.search(r"number of transactions actually processed: (\d+)", done.stdout)
+    time.sleep(2.5)  # one heartbeat after the last call: themis_stats() is up to date
+    with psycopg.connect(args.dsn, autocommit=True) as conn:
+        stats = one(conn, "SELECT themis_stats()")
+        taken = [row[0] for row in conn.execute(
+            "SELECT payload FROM themis.jobs WHERE kind = 'generate' ORDER BY started_at, id")]
+        n_warm = one(conn, "SELECT count(*) FROM themis.jobs WHERE kind = 'generate' "
+                     "AND id <= %s", (first_job,))
+    args.prompts.write_text(json.dumps({"warm": n_warm, "requests": taken}))
+    (worker,) = stats["workers"]
     return {"path": f"SQL, pgbench -c {args.clients}", "requests_per_s":
             float(tps.group(1)) if tps else None,
             "failed": int(failed.group(1)) if failed else None,
             "processed": int(processed.group(1)) if processed else None, "wall_s": wall,
-            "returncode": done.returncode}
+            "returncode": done.returncode,
+            "engine": engine_figures(worker["stats"]["generation"])}
 
 
-def prompts(args: argparse.Namespace) -> list[Any]:
-    """The requests the SQL side makes: for each query its top-k documents, as the worker
-    sees them."""
-    from themis_pg.pl.payloads import Context, GeneratePayload
-
-    rng = np.random.default_rng(2)
-    out = []
-    with psycopg.connect(args.dsn, autocommit=True) as conn:
-        by_query = {}
-        for i in range(1, QUERIES + 1):
-            q = f"Question {i}: how do I rotate the key?"
-            rows = conn.execute("SELECT id, content FROM themis_search(%s, %s)",
-                                (q, args.k)).fetchall()
-            by_query[i] = (q, tuple(Context(int(r[0]), str(r[1])) for r in rows))
-    for i in rng.integers(1, QUERIES + 1, args.clients * args.calls):
-        q, ctx = by_query[int(i)]
-        out.append(GeneratePayload("rag", args.max_tokens, 0.0, query=q, contexts=ctx))
-    return out
+def engine_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What tells the two sides' engines apart: steps, batch size, busy time, the prefix."""
+    keys = ("requests", "steps", "mean_batch", "prompt_s", "generate_s", "tokens_in",
+            "tokens_out", "prefix")
+    return {k: snapshot.get(k) for k in keys}
 
 
-def run_engine_alone(args: argparse.Namespace, reqs: list[Any]) -> dict[str, Any]:
+def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int
+                     ) -> dict[str, Any]:
     from generation import run_engine
 
     from themis_pg.config import Settings
+    from themis_pg.generation.adapters import AdapterEngines
     from themis_pg.worker.process import Worker
 
     engine = Worker._engine(Settings(), "bench", args.model, lambda use: Path(use.sha256))
     try:
-        run_engine(engine, reqs[:2])  # warm
-        row = run_engine(engine, reqs)
+        for warm in reqs[:n_warm]:  # one after the other, as the SQL side was warmed
+            run_engine(engine, [warm])
+        row = run_engine(engine, reqs[n_warm:])
+        assert isinstance(engine, AdapterEngines)  # the batch engine: it has figures
+        figures = engine_figures(engine.snapshot())
     finally:
         engine.close()
-    return dict(row, path=f"engine alone, {len(reqs)} requests")
+    return dict(row, path=f"engine alone, {len(reqs) - n_warm} requests", engine=figures)
 
 
 def main() -> None:
@@ -131,16 +151,13 @@ def main() -> None:
     if args.fill:
         fill(args.dsn, args.fill, args.words)
     if args.sql:
-        reqs = prompts(args)  # also warms every backend-independent path
-        args.prompts.write_text(json.dumps([r.to_json() for r in reqs]))
         rows.append(run_pgbench(args))
     if args.engine:
-        from themis_pg.pl.payloads import Context, GeneratePayload
+        from themis_pg.pl.payloads import Limits, parse
 
-        reqs = [GeneratePayload("rag", r["max_tokens"], 0.0, query=r["query"],
-                                contexts=tuple(Context(**c) for c in r["contexts"]))
-                for r in json.loads(args.prompts.read_text())]
-        rows.append(run_engine_alone(args, reqs))
+        taken = json.loads(args.prompts.read_text())
+        reqs = [parse("generate", r, Limits()) for r in taken["requests"]]
+        rows.append(run_engine_alone(args, reqs, taken["warm"]))
     for r in rows:
         print(json.dumps(r))
         if args.json:
