@@ -255,8 +255,11 @@ def main() -> None:
                 run_engine(engine, [warm])  # another call first, as a running server has had
                 row = run_engine(engine, reqs)
                 row["path"] += f" ({layout} KV, -b {n_batch} -ub {n_ubatch})"
+                snap = engine.snapshot()  # where the engine's time went (both runs)
                 rows.append(dict(row, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens,
-                                 prefix=engine.snapshot()["prefix"]))
+                                 prefix=snap["prefix"], engine={k: snap[k] for k in (
+                                     "steps", "mean_batch", "prompt_s", "generate_s",
+                                     "admit_s", "sample_s", "loop_s")}))
             finally:
                 engine.close()
         if not args.no_sequential and c <= args.sequential_max:

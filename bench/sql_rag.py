@@ -102,8 +102,8 @@ def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
     """What tells the two sides' engines apart: steps, batch size, busy time, the prefix."""
-    keys = ("requests", "steps", "mean_batch", "prompt_s", "generate_s", "tokens_in",
-            "tokens_out", "prefix")
+    keys = ("requests", "steps", "mean_batch", "prompt_s", "generate_s", "admit_s",
+            "sample_s", "loop_s", "tokens_in", "tokens_out", "prefix")
     return {k: snapshot.get(k) for k in keys}
 
 

@@ -138,7 +138,11 @@ class AdapterEngines:
     # -- routing -----------------------------------------------------------------------------
     def _drain(self) -> None:
         """Hand pending requests, in order, to their set's engine (making it if a slot for
-        one is free); stop at the first that must wait."""
+        one is free); stop at the first that must wait.  With nothing pending it returns at
+        once: an engine's thread comes here after every request, and must not wait while
+        another thread hands over (and tokenizes) a request."""
+        if not self._pending:  # a racy read is enough: whoever appends drains after
+            return
         with self._drain_lock:
             self._drain_locked()
 

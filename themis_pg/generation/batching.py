@@ -124,6 +124,8 @@ class _Waiting:
     on_done: OnDone
     on_token: OnToken | None
     queued: float
+    prompt: Any = None                 # prepared at submit (template, tokens) ...
+    error: Exception | None = None     # ... or why it could not be
 
 
 @dataclass
@@ -138,8 +140,11 @@ class EngineStats:
     prefix_tokens_reused: int = 0
     steps: int = 0
     sequences_stepped: int = 0
-    prompt_s: float = 0.0
-    generate_s: float = 0.0
+    prompt_s: float = 0.0      # in llama_decode, steps that read prompt tokens
+    generate_s: float = 0.0    # in llama_decode, steps of generated tokens only
+    admit_s: float = 0.0       # admitting requests: templates, tokenizing, prefix cells
+    sample_s: float = 0.0      # choosing tokens, stop strings, streaming
+    loop_s: float = 0.0        # the loop while it had work: all of the above and the rest
     wait_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
 
@@ -240,10 +245,19 @@ class BatchEngine:
 
     def submit(self, request: GenerationRequest, on_done: OnDone,
                on_token: OnToken | None = None) -> None:
+        """Queue a request.  Its prompt is prepared (chat template, tokens) here, on the
+        caller's thread, not in the loop: a 900-token RAG prompt takes 3-6 ms to tokenize,
+        which the loop would spend with the GPU idle (llama.cpp's tokenizer runs without
+        the GIL).  A prompt that cannot be prepared fails in its turn, as before."""
+        waiting = _Waiting(request, on_done, on_token, time.monotonic())
+        try:
+            waiting.prompt = self.generator.prepare(request.payload.to_json())
+        except Exception as exc:  # ThemisError: the caller's; anything else: a bug
+            waiting.error = exc
         with self._lock:
             if self._closing:
                 raise RuntimeError("engine is closed")
-            self._waiting.append(_Waiting(request, on_done, on_token, time.monotonic()))
+            self._waiting.append(waiting)
             self.stats.requests += 1
             self._wake.notify()
 
@@ -284,7 +298,9 @@ class BatchEngine:
                        "bytes": bytes_per_token * self.kv_cells},
                 "prefix": {"tokens": len(self._prefix), "hits": st.prefix_hits,
                            "tokens_reused": st.prefix_tokens_reused},
-                "prompt_s": round(st.prompt_s, 3), "generate_s": round(st.generate_s, 3)}
+                "prompt_s": round(st.prompt_s, 3), "generate_s": round(st.generate_s, 3),
+                "admit_s": round(st.admit_s, 3), "sample_s": round(st.sample_s, 3),
+                "loop_s": round(st.loop_s, 3)}
 
     # -- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -295,10 +311,13 @@ class BatchEngine:
                         self._wake.wait()
                     if self._closing:
                         break
+                started = time.perf_counter()
                 self._reap_cancelled()
                 self._admit()
+                self.stats.admit_s += time.perf_counter() - started
                 if self._active:
                     self._step()
+                    self.stats.loop_s += time.perf_counter() - started
                 else:
                     with self._lock:  # waiting requests that cannot be admitted yet
                         if not self._closing and not self._cancelled:
@@ -358,16 +377,16 @@ class BatchEngine:
                 if not self._waiting or not self._free_ids:
                     return
                 w = self._waiting[0]
-            try:
-                prompt = self.generator.prepare(w.request.payload.to_json())
-            except Exception as exc:  # ThemisError: the caller's; anything else: a bug
+            if w.error is not None:
                 with self._lock:
                     self._waiting.popleft()
                 self.stats.failed += 1
+                exc = w.error
                 self._done(w.on_done, GenerationOutcome(w.request, error=exc)
                            if isinstance(exc, ThemisError) else
                            GenerationOutcome(w.request, crash=exc))
                 continue
+            prompt = w.prompt
             reuse = self._reusable(prompt.tokens) or self._learn_prefix(prompt.tokens)
             need = len(prompt.tokens) - reuse + prompt.max_tokens
             limit = self.kv_cells - len(self._prefix) if self.unified else \
@@ -527,7 +546,9 @@ class BatchEngine:
         self._decode(n, reading=bool(takes), what=f"{len(seqs)} sequences")
         self.stats.steps += 1
         self.stats.sequences_stepped += len(generating) + len(takes)
+        started = time.perf_counter()
         self._sample_all(sampled)
+        self.stats.sample_s += time.perf_counter() - started
 
     def _decode(self, n: int, *, reading: bool, what: str) -> None:
         """One llama_decode of the first ``n`` tokens of the batch, timed as prompt reading
@@ -537,6 +558,9 @@ class BatchEngine:
         rc = self._lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} ({n} tokens, {what})")
+        # llama_decode may return before the GPU is done (the logits are copied out
+        # asynchronously); waiting here, as reading them would, times the step itself
+        self._lc.llama_synchronize(self._ctx)
         took = time.perf_counter() - started
         if reading:
             self.stats.prompt_s += took

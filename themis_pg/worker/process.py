@@ -64,13 +64,17 @@ def kv_cells(settings: Settings) -> int:
     return settings.n_ctx * (settings.max_sequences + 1)
 
 
+UBATCH_MAX = 2048  # llama.cpp's compute buffers grow with n_ubatch; 2048 measured best
+
+
 def batch_tokens(settings: Settings) -> int:
-    """Tokens per decode step of the batch engine: THEMIS_BATCH_TOKENS, else 2048 where the
-    generation model is offloaded to a GPU (larger steps make a prompt's tokens one matrix
-    product; docs/benchmarks.md) and 512 on a CPU (a step's length there is seconds)."""
+    """Tokens per decode step of the batch engine: THEMIS_BATCH_TOKENS, else 4096 where the
+    generation model is offloaded to a GPU (fewer, larger steps while prompts are read;
+    docs/benchmarks.md) and 512 on a CPU (a step's length there is seconds).  llama.cpp
+    computes at most UBATCH_MAX of them at once."""
     if settings.batch_tokens:
         return settings.batch_tokens
-    return 2048 if gpu_offload(settings.n_gpu_layers) else 512
+    return 4096 if gpu_offload(settings.n_gpu_layers) else 512
 
 
 MAX_LOAD_CONNECTIONS = 16  # bench/load.py on the 16-core H200 host: 16 best, 32 slower
@@ -195,7 +199,8 @@ class Worker:
         return AdapterEngines(generator, adapter_file, max_sequences=settings.max_sequences,
                               max_sets=settings.max_adapter_sets, kv_cells=cells,
                               kv_type=settings.kv_type, n_threads=settings.n_threads,
-                              unified=unified, n_batch=batch_tokens(settings))
+                              unified=unified, n_batch=batch_tokens(settings),
+                              n_ubatch=min(batch_tokens(settings), UBATCH_MAX))
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
