@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         description="Most tokens one step of the batch engine decodes (llama.cpp's n_batch; "
         "n_ubatch, what it computes at once, is this up to 2048); prompts are read in chunks "
         "of this size.  0: 4096 where the generation model is on a GPU (H200, 7B Q4_K_M, 64 "
-        "calls: 7.48 requests/s against 7.03 with 2048 and 6.50 with 2048/512), 512 on a CPU, "
+        "calls: 7.48 requests/s against 7.03 with 2048 in the same run), 512 on a CPU, "
         "where a step of thousands of prompt tokens would hold the generating sequences up "
         "for seconds.",
     )
