@@ -122,6 +122,14 @@ def run_engine(engine: GenerationEngine, reqs: list[GeneratePayload]) -> dict[st
                 gpu_mib=gpu_memory_mib(os.getpid()))
 
 
+def engine_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """From an engine's snapshot, where its time went: steps, batch size, decode, sampling
+    and admission time, the loop, tokens, the prefix."""
+    keys = ("requests", "steps", "mean_batch", "prompt_s", "generate_s", "admit_s",
+            "sample_s", "loop_s", "tokens_in", "tokens_out", "prefix")
+    return {k: snapshot.get(k) for k in keys}
+
+
 def run_sequential(peer: LlamaGenerator, reqs: list[GeneratePayload]) -> dict[str, Any]:
     llm = peer._llm
     bias = {t: -100.0 for t in peer.eog_tokens()}
@@ -257,9 +265,7 @@ def main() -> None:
                 row["path"] += f" ({layout} KV, -b {n_batch} -ub {n_ubatch})"
                 snap = engine.snapshot()  # where the engine's time went (both runs)
                 rows.append(dict(row, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens,
-                                 prefix=snap["prefix"], engine={k: snap[k] for k in (
-                                     "steps", "mean_batch", "prompt_s", "generate_s",
-                                     "admit_s", "sample_s", "loop_s")}))
+                                 prefix=snap["prefix"], engine=engine_figures(snap)))
             finally:
                 engine.close()
         if not args.no_sequential and c <= args.sequential_max:

@@ -36,6 +36,7 @@ from typing import Any
 import llama_cpp  # noqa: F401  (libllama before NumPy: themis_pg.generation.load_llama_first)
 import numpy as np
 import psycopg
+from generation import engine_figures, run_engine
 
 log = logging.getLogger("bench.sql_rag")
 
@@ -100,17 +101,8 @@ def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
             "engine": engine_figures(worker["stats"]["generation"])}
 
 
-def engine_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """What tells the two sides' engines apart: steps, batch size, busy time, the prefix."""
-    keys = ("requests", "steps", "mean_batch", "prompt_s", "generate_s", "admit_s",
-            "sample_s", "loop_s", "tokens_in", "tokens_out", "prefix")
-    return {k: snapshot.get(k) for k in keys}
-
-
 def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int
                      ) -> dict[str, Any]:
-    from generation import run_engine
-
     from themis_pg.config import Settings
     from themis_pg.generation.adapters import AdapterEngines
     from themis_pg.worker.process import Worker

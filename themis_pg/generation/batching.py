@@ -142,7 +142,7 @@ class EngineStats:
     sequences_stepped: int = 0
     prompt_s: float = 0.0      # in llama_decode, steps that read prompt tokens
     generate_s: float = 0.0    # in llama_decode, steps of generated tokens only
-    admit_s: float = 0.0       # admitting requests: templates, tokenizing, prefix cells
+    admit_s: float = 0.0       # admitting requests (prefix lookups and cells), cancels
     sample_s: float = 0.0      # choosing tokens, stop strings, streaming
     loop_s: float = 0.0        # the loop while it had work: all of the above and the rest
     wait_s: float = 0.0
@@ -312,9 +312,12 @@ class BatchEngine:
                     if self._closing:
                         break
                 started = time.perf_counter()
+                decoded = self.stats.prompt_s + self.stats.generate_s
                 self._reap_cancelled()
                 self._admit()
-                self.stats.admit_s += time.perf_counter() - started
+                # less a learned prefix's llama_decode, which prompt_s has: the parts add up
+                self.stats.admit_s += time.perf_counter() - started - (
+                    self.stats.prompt_s + self.stats.generate_s - decoded)
                 if self._active:
                     self._step()
                     self.stats.loop_s += time.perf_counter() - started
@@ -591,14 +594,14 @@ class BatchEngine:
         # All greedy (the usual case): penalise llama.cpp's own output rows in place, nothing
         # reads them after this step.  Mixed: a copy of the greedy rows.
         scores = logits if len(greedy) == len(sampled) else logits[greedy]
-        picks: dict[int, int] = {}
+        chosen: dict[int, tuple[int, np.ndarray]] = {}  # greedy k -> token, its scores
         if greedy:
             penalize_rows(scores, [sampled[k][0].window for k in greedy])
-            picks = dict(zip(greedy, scores.argmax(axis=1).tolist(), strict=True))
-        row = dict(zip(greedy, range(len(greedy)), strict=True))
+            best = scores.argmax(axis=1).tolist()
+            chosen = {k: (best[j], scores[j]) for j, k in enumerate(greedy)}
         for k, (s, i) in enumerate(sampled):
-            if k in picks:
-                token, chosen_from = picks[k], scores[row[k]]
+            if k in chosen:
+                token, chosen_from = chosen[k]
             else:
                 token = int(lc.llama_sampler_sample(s.sampler, self._ctx, i))
                 lc.llama_sampler_accept(s.sampler, token)

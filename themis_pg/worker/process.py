@@ -196,11 +196,11 @@ class Worker:
                                    own_cells=256 if batch else None)
         if not batch:
             return SequentialEngine(generator)
+        step = batch_tokens(settings)
         return AdapterEngines(generator, adapter_file, max_sequences=settings.max_sequences,
                               max_sets=settings.max_adapter_sets, kv_cells=cells,
                               kv_type=settings.kv_type, n_threads=settings.n_threads,
-                              unified=unified, n_batch=batch_tokens(settings),
-                              n_ubatch=min(batch_tokens(settings), UBATCH_MAX))
+                              unified=unified, n_batch=step, n_ubatch=min(step, UBATCH_MAX))
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts_lock:
