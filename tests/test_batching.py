@@ -224,9 +224,42 @@ def test_the_shared_prompt_head_is_reused(generator, unified):
         reused = engine.traces[1]
     finally:
         engine.close()
-    same_or_near_tie(alone[0][1], reused)  # the copied prefix cells hold the same values
-    assert stats["prefix"]["hits"] >= 1 and stats["prefix"]["tokens"] >= 16
+    same_or_near_tie(alone[0][1], reused)  # the reused cells hold the same values
+    if unified:  # the cached prefix's cells gain the new sequences' ids
+        assert stats["prefix"]["hits"] >= 1 and stats["prefix"]["tokens"] >= 16
+    else:  # one call at a time: each finds the head still in the stream it gets
+        assert stats["prefix"]["kept_hits"] == 2 and stats["prefix"]["hits"] == 0
     assert stats["prefix"]["tokens_reused"] >= 16
+
+
+def test_a_stream_keeps_its_prompt_for_the_next_call_in_it(generator):
+    """Split streams: a finished sequence's prompt cells stay in its stream, and the next
+    call admitted there reads only what its prompt does not share with them (no copy from
+    the cached prefix).  Its answer is the one it gets on a fresh engine, up to near-ties; a
+    prompt that shares less than ``prefix_min`` tokens with the kept ones starts clean."""
+    head = "You are a careful assistant. Answer in one short sentence. " * 3
+    prompts = [head + "Why is the sky blue?", head + "Why is grass green?",
+               "Describe a cat in a few words."]
+    alone = [_alone(generator, p, 8, unified=False, prefix_min=10**6) for p in prompts]
+    tokens = [generator.prepare(GeneratePayload("raw", 8, prompt=p).to_json()).tokens
+              for p in prompts]
+    engine = _engine(generator, unified=False, max_sequences=1,
+                     prefix_min=common_head(tokens[0], tokens[2]) + 1)
+    try:
+        calls = Calls(engine)
+        for i, p in enumerate(prompts):
+            calls.submit(i, p, max_tokens=8)
+            calls.wait(i + 1)
+        stats = engine.snapshot()
+    finally:
+        engine.close()
+    assert stats["prefix"]["kept_hits"] == 1 and stats["prefix"]["hits"] == 0
+    assert stats["prefix"]["tokens_reused"] == common_head(tokens[0], tokens[1])
+    assert stats["kv"]["kept"] == len(tokens[2])  # the last prompt waits for the next call
+    for i, (answer, trace) in enumerate(alone):
+        same_or_near_tie(trace, engine.traces[i])
+        result = calls.outcomes[i].result
+        assert result is not None and result.completion_tokens >= 1, answer
 
 
 def test_sampling_settings_are_per_request(generator):

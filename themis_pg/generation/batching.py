@@ -38,6 +38,12 @@ split streams the cells are copied) and only the rest of the prompt is evaluated
 is learned at admission: when a prompt shares at least ``prefix_min`` leading tokens with the
 previous admitted one, that head is evaluated once, on its own, and every admitted sequence
 that has read nothing yet gets it too, so a burst of calls arriving together shares it.
+In split streams a finished sequence's prompt cells also stay in its stream, and the next
+request admitted there uses as many of them as its prompt shares (at least ``prefix_min``
+and no fewer than the cached prefix would give), in place: no copy, and no memory update
+in llama.cpp, which reserves its worst-case graph again after every copy between streams.
+That is what serves calls arriving one at a time (a pool of clients); the cached prefix
+serves a burst on fresh streams.
 Bit-exactness: shared cells hold exactly the values that one evaluation of the prefix
 computed; reading the same tokens inside a whole prompt, or in a batch of another size, makes
 llama.cpp's kernels round differently, so a reused prefix (like any batching) may change the
@@ -136,8 +142,9 @@ class EngineStats:
     failed: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    prefix_hits: int = 0
-    prefix_tokens_reused: int = 0
+    prefix_hits: int = 0           # prompts that got the cached prefix's cells
+    kept_hits: int = 0             # ... that found their head still in their own stream
+    prefix_tokens_reused: int = 0  # prompt tokens not evaluated, by either
     steps: int = 0
     sequences_stepped: int = 0
     prompt_s: float = 0.0      # in llama_decode, steps that read prompt tokens
@@ -224,6 +231,8 @@ class BatchEngine:
         # Lowest free id first: split streams batch only runs of consecutive sequence ids
         # (see _step), so the running set is kept as dense as churn allows.
         self._free_ids = list(range(max_sequences))  # a heap
+        # split streams: the prompt tokens whose cells a free sequence's stream still holds
+        self._held: list[list[int]] = [[] for _ in range(max_sequences)]
         self._active: dict[int, _Sequence] = {}   # by request id
         self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
@@ -282,6 +291,7 @@ class BatchEngine:
             st = self.stats
             cells = sum(s.n_past - (s.reused if s.shared else 0)
                         for s in self._active.values()) + len(self._prefix)
+            kept = sum(len(self._held[i]) for i in self._free_ids)
             elapsed = max(time.monotonic() - st.started, 1e-9)
             bytes_per_token = self.generator.kv_bytes_per_token(self.kv_type)
             return {
@@ -293,10 +303,12 @@ class BatchEngine:
                 "steps": st.steps, "running": len(self._active), "queued": len(self._waiting),
                 "mean_wait_ms": round(1000 * st.wait_s / max(st.finished + st.cancelled
                                                              + st.failed, 1), 2),
-                "kv": {"cells": self.kv_cells, "in_use": cells, "type": self.kv_type,
+                "kv": {"cells": self.kv_cells, "in_use": cells, "kept": kept,
+                       "type": self.kv_type,
                        "bytes_per_token": bytes_per_token,
                        "bytes": bytes_per_token * self.kv_cells},
                 "prefix": {"tokens": len(self._prefix), "hits": st.prefix_hits,
+                           "kept_hits": st.kept_hits,
                            "tokens_reused": st.prefix_tokens_reused},
                 "prompt_s": round(st.prompt_s, 3), "generate_s": round(st.generate_s, 3),
                 "admit_s": round(st.admit_s, 3), "sample_s": round(st.sample_s, 3),
@@ -390,8 +402,12 @@ class BatchEngine:
                            GenerationOutcome(w.request, crash=exc))
                 continue
             prompt = w.prompt
-            reuse = self._reusable(prompt.tokens) or self._learn_prefix(prompt.tokens)
-            need = len(prompt.tokens) - reuse + prompt.max_tokens
+            shared = self._reusable(prompt.tokens)
+            # split streams: what the stream this request gets still holds of its last prompt
+            kept = 0 if self.unified else self._kept(self._free_ids[0], prompt.tokens, shared)
+            reuse = kept or shared or self._learn_prefix(prompt.tokens)
+            # a split stream holds the whole prompt, shared head included
+            need = len(prompt.tokens) - (reuse if self.unified else 0) + prompt.max_tokens
             limit = self.kv_cells - len(self._prefix) if self.unified else \
                 self.cells_per_sequence
             if need > limit:
@@ -422,10 +438,30 @@ class BatchEngine:
             seq.window.extend(prompt.tokens[-PENALTY_LAST_N:])  # the penalty sees the prompt
             self.stats.wait_s += seq.admitted - w.queued
             self.stats.tokens_in += len(prompt.tokens)
-            if reuse:
-                self._share_prefix(seq, reuse)
+            held, self._held[seq_id] = self._held[seq_id], []
+            if kept:
+                self._lc.llama_memory_seq_rm(self._mem, seq_id, kept, -1)
+                seq.n_past = seq.reused = kept
+                self.stats.kept_hits += 1
+                self.stats.prefix_tokens_reused += kept
+            else:
+                if held:
+                    self._lc.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+                if reuse:
+                    self._share_prefix(seq, reuse)
             with self._lock:
                 self._active[w.request.id] = seq
+
+    def _kept(self, seq_id: int, tokens: list[int], shared: int) -> int:
+        """Leading prompt tokens that ``seq_id``'s stream still holds from the last prompt it
+        read, when they are at least ``prefix_min`` and at least the ``shared`` tokens the
+        cached prefix would give.  Kept cells are used in place.  Sharing the cached prefix
+        instead copies a whole stream (llama.cpp copies between streams only whole), and
+        llama.cpp then reserves its worst-case graph again in the next ``llama_decode`` (a
+        memory update): when calls arrive one at a time, as from a pool of clients, every
+        admission paid for one."""
+        n = common_head(self._held[seq_id], tokens[:-1])
+        return n if n >= self.prefix_min and n >= shared else 0
 
     def _reusable(self, tokens: list[int]) -> int:
         """Leading prompt tokens the cached prefix holds (at least one token is evaluated)."""
@@ -665,7 +701,11 @@ class BatchEngine:
             self._active.pop(s.request.id, None)
             heapq.heappush(self._free_ids, s.seq_id)
             self._wake.notify()
-        lc.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
+        # split streams keep the prompt's cells (a stream's cells are its own either way):
+        # the next request in this stream that starts the same way reads only the rest
+        keep = 0 if self.unified else min(s.n_past, len(s.tokens))
+        lc.llama_memory_seq_rm(self._mem, s.seq_id, keep, -1)
+        self._held[s.seq_id] = s.tokens[:keep]
         if s.sampler is not None:
             lc.llama_sampler_free(s.sampler)
         if stopped:
