@@ -2,17 +2,19 @@
 
     python bench/sql_rag.py --dsn "$DSN" --fill 2000                  # documents
     # a worker with THEMIS_MAX_SEQUENCES=64 running, then:
-    python bench/sql_rag.py --dsn "$DSN" --sql --pgbench "$PG/pgbench" --clients 64 --calls 2
+    python bench/sql_rag.py --dsn "$DSN" --sql --pgbench "$PG/pgbench" --clients 64 --calls 8
     # the worker stopped, then (the same engine, built from the same settings):
-    python bench/sql_rag.py --dsn "$DSN" --engine --model m.gguf --clients 64 --calls 2
+    python bench/sql_rag.py --dsn "$DSN" --engine --model m.gguf --clients 64 --calls 8
 
 ``--fill N`` inserts N documents of ``--words`` random words without embeddings (the worker
 embeds them).  ``--sql`` warms the worker with two calls, one after the other, then runs
 pgbench with a custom script: each of ``--clients`` clients calls ``themis_rag(query, k,
 max_tokens => M)`` ``--calls`` times, the query drawn from ``QUERIES`` numbered texts; pgbench
-gives requests/s and failed calls.  It then reads back, from the jobs table, the generation
-requests the worker ran, in the order it took them (warm-up first), and the worker's engine
-figures from ``themis_stats()``.  ``--engine`` builds the worker's generation engine from
+gives requests/s and failed calls, and its per-transaction log the latency of each client's
+first call (a new backend) against its later ones (``call_latencies``).  It then reads
+back, from the jobs table, each kind's mean queue wait and run time, the generation requests
+the worker ran, in the order it took them (warm-up first), and the worker's engine figures
+from ``themis_stats()``.  ``--engine`` builds the worker's generation engine from
 the same settings (``Worker._engine``) in this process and gives it the same requests: the
 same two warm-up calls one after the other, then every request pgbench made, in the order
 the worker took them, submitted at once (the engine runs at most ``max_sequences``
@@ -75,11 +77,13 @@ def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
     script = f"\\set id random(1, {QUERIES})\n{rag_sql(args, ':id')};\n"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
+    logs = Path(tempfile.mkdtemp(prefix="pgbench-log-"))
     cmd = [args.pgbench, "-n", "-c", str(args.clients), "-j", str(min(args.clients, 16)),
-           "-t", str(args.calls), "-f", f.name, args.dsn]
+           "-t", str(args.calls), "-f", f.name, "-l", f"--log-prefix={logs}/tx", args.dsn]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - started
+    calls = call_latencies(logs)
     log.info("pgbench: %s\n%s", done.stdout[-2000:], done.stderr[-2000:])
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
@@ -91,14 +95,43 @@ def run_pgbench(args: argparse.Namespace) -> dict[str, Any]:
             "SELECT payload FROM themis.jobs WHERE kind = 'generate' ORDER BY started_at, id")]
         n_warm = one(conn, "SELECT count(*) FROM themis.jobs WHERE kind = 'generate' "
                      "AND id <= %s", (first_job,))
+        jobs = {kind: {"jobs": n, "wait_ms": round(wait, 1), "run_ms": round(run, 1)}
+                for kind, n, wait, run in conn.execute(
+                    "SELECT kind, count(*), "
+                    "1000 * extract(epoch FROM avg(started_at - created_at))::float8, "
+                    "1000 * extract(epoch FROM avg(finished_at - started_at))::float8 "
+                    "FROM themis.jobs WHERE id > %s GROUP BY kind", (first_job,))}
     args.prompts.write_text(json.dumps({"warm": n_warm, "requests": taken}))
     (worker,) = stats["workers"]
     return {"path": f"SQL, pgbench -c {args.clients}", "requests_per_s":
             float(tps.group(1)) if tps else None,
             "failed": int(failed.group(1)) if failed else None,
             "processed": int(processed.group(1)) if processed else None, "wall_s": wall,
-            "returncode": done.returncode,
+            "returncode": done.returncode, "calls": calls, "jobs": jobs,
             "engine": engine_figures(worker["stats"]["generation"])}
+
+
+def call_latencies(logs: Path) -> dict[str, Any]:
+    """From pgbench's per-transaction log: the latency of each client's first call (a new
+    backend: PL/Python's interpreter and imports, the bus connection) and of the later ones,
+    and the closed loop's steady rate, clients / the later calls' mean latency (Little's
+    law), which the first calls do not weigh on."""
+    by_client: dict[int, list[tuple[int, float]]] = {}
+    for path in logs.glob("tx*"):
+        for line in path.read_text().splitlines():
+            client, number, latency_us = (int(x) for x in line.split()[:3])
+            by_client.setdefault(client, []).append((number, latency_us / 1e6))
+        path.unlink()
+    logs.rmdir()
+    calls = [sorted(c) for c in by_client.values()]
+    first = [c[0][1] for c in calls]
+    later = [latency for c in calls for _, latency in c[1:]]
+    clients = by_client.keys()
+    out: dict[str, Any] = {"first_mean_s": round(float(np.mean(first)), 3) if first else None,
+                           "later_mean_s": round(float(np.mean(later)), 3) if later else None}
+    if later:
+        out["steady_requests_per_s"] = round(len(clients) / float(np.mean(later)), 3)
+    return out
 
 
 def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int
@@ -132,7 +165,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=Path, default=Path("/tmp/sql_rag_prompts.json"),
                     help="where --sql leaves the requests for --engine")
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=400)

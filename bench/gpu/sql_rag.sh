@@ -5,7 +5,7 @@
 # (random_model.py, llama-quantize), the random MiniLM-shaped embedding model, DOCS documents
 # of 200 words, and a `themis worker` with THEMIS_MAX_SEQUENCES=64.  .carry11/ holds what
 # .carry10/ does plus tok.gguf and the llama tools kit.  LOCAL=1 rehearses it here with
-# GEN=<a generation GGUF> instead of the 7B.  Env: DOCS (2000), CLIENTS (64), CALLS (2),
+# GEN=<a generation GGUF> instead of the 7B.  Env: DOCS (2000), CLIENTS (64), CALLS (8),
 # MAX_TOKENS (128).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -38,7 +38,7 @@ export THEMIS_INDEX_SNAPSHOTS=false THEMIS_MODEL_CACHE=/tmp/models \
 timeout 400 python3 -m themis_pg.cli --dsn "$DSN" worker > "$OUT/worker.log" 2>&1 &
 W=$!
 for _ in $(seq 360); do grep -q " ready " "$OUT/worker.log" && break; kill -0 $W 2> /dev/null || break; sleep 0.5; done
-ARGS="--clients ${CLIENTS:-64} --calls ${CALLS:-2} --max-tokens ${MAX_TOKENS:-128}"
+ARGS="--clients ${CLIENTS:-64} --calls ${CALLS:-8} --max-tokens ${MAX_TOKENS:-128}"
 timeout 300 python3 bench/sql_rag.py --dsn "$DSN" --sql --pgbench "$PG/pgbench" $ARGS \
   --json "$OUT/sql_rag.jsonl" 2>> "$LOG"
 kill $W; wait $W 2> /dev/null
