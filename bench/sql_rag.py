@@ -20,7 +20,8 @@ same two warm-up calls one after the other, then every request pgbench made, in 
 the worker took them, submitted at once (the engine runs at most ``max_sequences``
 together).  The order matters: the engine learns its cached prefix from consecutive
 prompts, so both sides must see the same sequence.  ``--json`` appends each side's figures
-to one file.
+to one file.  ``--without-kept`` runs the engine alone once more with streams that keep no
+prompt cells (``BatchEngine.keep_prompts``): what keeping them saves.
 """
 
 from __future__ import annotations
@@ -134,12 +135,14 @@ def call_latencies(logs: Path) -> dict[str, Any]:
     return out
 
 
-def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int
-                     ) -> dict[str, Any]:
+def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int,
+                     keep_prompts: bool = True) -> dict[str, Any]:
     from themis_pg.config import Settings
     from themis_pg.generation.adapters import AdapterEngines
+    from themis_pg.generation.batching import BatchEngine
     from themis_pg.worker.process import Worker
 
+    BatchEngine.keep_prompts = keep_prompts
     engine = Worker._engine(Settings(), "bench", args.model, lambda use: Path(use.sha256))
     try:
         for warm in reqs[:n_warm]:  # one after the other, as the SQL side was warmed
@@ -149,7 +152,9 @@ def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int
         figures = engine_figures(engine.snapshot())
     finally:
         engine.close()
-    return dict(row, path=f"engine alone, {len(reqs) - n_warm} requests", engine=figures)
+    kept = "" if keep_prompts else ", streams keep no prompt"
+    return dict(row, path=f"engine alone, {len(reqs) - n_warm} requests{kept}",
+                engine=figures)
 
 
 def main() -> None:
@@ -162,6 +167,8 @@ def main() -> None:
     ap.add_argument("--pgbench", default="pgbench")
     ap.add_argument("--engine", action="store_true")
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--without-kept", action="store_true",
+                    help="--engine again with streams that keep no prompt cells")
     ap.add_argument("--prompts", type=Path, default=Path("/tmp/sql_rag_prompts.json"),
                     help="where --sql leaves the requests for --engine")
     ap.add_argument("--clients", type=int, default=64)
@@ -183,6 +190,8 @@ def main() -> None:
         taken = json.loads(args.prompts.read_text())
         reqs = [parse("generate", r, Limits()) for r in taken["requests"]]
         rows.append(run_engine_alone(args, reqs, taken["warm"]))
+        if args.without_kept:  # what the kept prompt cells save (the cached prefix only)
+            rows.append(run_engine_alone(args, reqs, taken["warm"], keep_prompts=False))
     for r in rows:
         print(json.dumps(r))
         if args.json:

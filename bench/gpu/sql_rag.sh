@@ -6,7 +6,7 @@
 # of 200 words, and a `themis worker` with THEMIS_MAX_SEQUENCES=64.  .carry11/ holds what
 # .carry10/ does plus tok.gguf and the llama tools kit.  LOCAL=1 rehearses it here with
 # GEN=<a generation GGUF> instead of the 7B.  Env: DOCS (2000), CLIENTS (64), CALLS (8),
-# MAX_TOKENS (128).
+# MAX_TOKENS (128), ENGINE_ARGS (e.g. --without-kept).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -42,7 +42,7 @@ ARGS="--clients ${CLIENTS:-64} --calls ${CALLS:-8} --max-tokens ${MAX_TOKENS:-12
 timeout 300 python3 bench/sql_rag.py --dsn "$DSN" --sql --pgbench "$PG/pgbench" $ARGS \
   --json "$OUT/sql_rag.jsonl" 2>> "$LOG"
 kill $W; wait $W 2> /dev/null
-timeout 200 python3 bench/sql_rag.py --dsn "$DSN" --engine --model "$GEN" $ARGS \
+timeout 300 python3 bench/sql_rag.py --dsn "$DSN" --engine --model "$GEN" $ARGS ${ENGINE_ARGS:-} \
   --json "$OUT/sql_rag.jsonl" 2>> "$LOG"
 su pguser -c "$PG/pg_ctl -D $D/data -m fast stop" > /dev/null
 grep -B2 -A25 "Fatal Python error\|Traceback" "$LOG" "$OUT/worker.log" | head -60

@@ -159,6 +159,10 @@ class EngineStats:
 class BatchEngine:
     """Continuous batching for one generation model (see the module doc)."""
 
+    #: split streams keep a finished sequence's prompt cells for the next request in the
+    #: stream (off: benchmarks, to measure what that saves)
+    keep_prompts = True
+
     def __init__(self, generator: LlamaGenerator, *, max_sequences: int = 16,
                  kv_cells: int | None = None, n_batch: int = 512,
                  n_ubatch: int | None = None, prefix_min: int = 16,
@@ -404,7 +408,7 @@ class BatchEngine:
             prompt = w.prompt
             shared = self._reusable(prompt.tokens)
             # split streams: what the stream this request gets still holds of its last prompt
-            kept = 0 if self.unified else self._kept(self._free_ids[0], prompt.tokens, shared)
+            kept = self._kept(self._free_ids[0], prompt.tokens, shared)
             reuse = kept or shared or self._learn_prefix(prompt.tokens)
             # a split stream holds the whole prompt, shared head included
             need = len(prompt.tokens) - (reuse if self.unified else 0) + prompt.max_tokens
@@ -460,6 +464,8 @@ class BatchEngine:
         llama.cpp then reserves its worst-case graph again in the next ``llama_decode`` (a
         memory update): when calls arrive one at a time, as from a pool of clients, every
         admission paid for one."""
+        if self.unified or not self.keep_prompts:
+            return 0
         n = common_head(self._held[seq_id], tokens[:-1])
         return n if n >= self.prefix_min and n >= shared else 0
 
@@ -703,7 +709,7 @@ class BatchEngine:
             self._wake.notify()
         # split streams keep the prompt's cells (a stream's cells are its own either way):
         # the next request in this stream that starts the same way reads only the rest
-        keep = 0 if self.unified else min(s.n_past, len(s.tokens))
+        keep = 0 if self.unified or not self.keep_prompts else min(s.n_past, len(s.tokens))
         lc.llama_memory_seq_rm(self._mem, s.seq_id, keep, -1)
         self._held[s.seq_id] = s.tokens[:keep]
         if s.sampler is not None:
