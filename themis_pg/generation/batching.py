@@ -463,11 +463,17 @@ class BatchEngine:
         instead copies a whole stream (llama.cpp copies between streams only whole), and
         llama.cpp then reserves its worst-case graph again in the next ``llama_decode`` (a
         memory update): when calls arrive one at a time, as from a pool of clients, every
-        admission paid for one."""
-        if self.unified or not self.keep_prompts:
+        admission paid for one (keeping cells: +3% on the H200, docs/benchmarks.md)."""
+        if not self._keeps:
             return 0
         n = common_head(self._held[seq_id], tokens[:-1])
         return n if n >= self.prefix_min and n >= shared else 0
+
+    @property
+    def _keeps(self) -> bool:
+        """Whether finished sequences keep their prompt cells (split streams only: in a
+        unified pool kept cells would take cells other sequences were promised)."""
+        return self.keep_prompts and not self.unified
 
     def _reusable(self, tokens: list[int]) -> int:
         """Leading prompt tokens the cached prefix holds (at least one token is evaluated)."""
@@ -709,7 +715,7 @@ class BatchEngine:
             self._wake.notify()
         # split streams keep the prompt's cells (a stream's cells are its own either way):
         # the next request in this stream that starts the same way reads only the rest
-        keep = 0 if self.unified or not self.keep_prompts else min(s.n_past, len(s.tokens))
+        keep = min(s.n_past, len(s.tokens)) if self._keeps else 0
         lc.llama_memory_seq_rm(self._mem, s.seq_id, keep, -1)
         self._held[s.seq_id] = s.tokens[:keep]
         if s.sampler is not None:
