@@ -111,7 +111,7 @@ class _Sequence:
     last: int | None = None            # sampled token not yet evaluated
     first_token_at: float | None = None
     margins: list[float] = field(default_factory=list)
-    window: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
+    window_at: int = 0                 # tokens put in its penalty window (a ring) so far
 
     @property
     def reading(self) -> bool:
@@ -237,6 +237,9 @@ class BatchEngine:
         self._free_ids = list(range(max_sequences))  # a heap
         # split streams: the prompt tokens whose cells a free sequence's stream still holds
         self._held: list[list[int]] = [[] for _ in range(max_sequences)]
+        # each sequence's repeat-penalty window (its last PENALTY_LAST_N tokens, a ring; -1:
+        # empty), by sequence id: a step's greedy rows are penalised from one gather of it
+        self._windows = np.full((max_sequences, PENALTY_LAST_N), -1, dtype=np.intp)
         self._active: dict[int, _Sequence] = {}   # by request id
         self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
@@ -439,7 +442,10 @@ class BatchEngine:
                 tokens=prompt.tokens, stop=prompt.stop, max_tokens=prompt.max_tokens,
                 contexts_used=prompt.contexts_used, sampler=self._sampler(w.request, prompt),
                 admitted=time.monotonic())
-            seq.window.extend(prompt.tokens[-PENALTY_LAST_N:])  # the penalty sees the prompt
+            tail = prompt.tokens[-PENALTY_LAST_N:]  # the penalty sees the prompt
+            self._windows[seq_id].fill(-1)
+            self._windows[seq_id, :len(tail)] = tail
+            seq.window_at = len(tail)
             self.stats.wait_s += seq.admitted - w.queued
             self.stats.tokens_in += len(prompt.tokens)
             held, self._held[seq_id] = self._held[seq_id], []
@@ -644,7 +650,7 @@ class BatchEngine:
         scores = logits if len(greedy) == len(sampled) else logits[greedy]
         chosen: dict[int, tuple[int, np.ndarray]] = {}  # greedy k -> token, its scores
         if greedy:
-            penalize_rows(scores, [sampled[k][0].window for k in greedy])
+            penalize_rows(scores, self._windows[[sampled[k][0].seq_id for k in greedy]])
             best = scores.argmax(axis=1).tolist()
             chosen = {k: (best[j], scores[j]) for j, k in enumerate(greedy)}
         for k, (s, i) in enumerate(sampled):
@@ -662,7 +668,8 @@ class BatchEngine:
         if self.record_margins:  # the gap between the two best scores the choice was made on
             top2 = np.partition(scores, -2)[-2:]
             s.margins.append(float(abs(top2[1] - top2[0])))
-        s.window.append(token)
+        self._windows[s.seq_id, s.window_at % PENALTY_LAST_N] = token
+        s.window_at += 1
         if s.first_token_at is None:
             s.first_token_at = time.monotonic()
         if lc.llama_vocab_is_eog(self._vocab, token) and not self.ignore_eog:
@@ -746,19 +753,32 @@ def penalties_sampler(n_vocab: int) -> Any:
                                                   0.0, 0.0)
 
 
-def penalize_rows(logits: np.ndarray, windows: Sequence[Iterable[int]],
+def penalize_rows(logits: np.ndarray, windows: np.ndarray | Sequence[Iterable[int]],
                   penalty: float = REPEAT_PENALTY) -> None:
     """In place, what llama.cpp's repeat-penalty sampler does to row ``r`` of ``logits``
     given ``windows[r]``: each distinct token's logit is divided by ``penalty`` when
-    positive and multiplied when not, in float32 as llama.cpp does."""
-    seen = [np.fromiter(set(w), dtype=np.intp) for w in windows]
-    cols = np.concatenate(seen) if seen else np.empty(0, dtype=np.intp)
-    if not cols.size:
+    positive and multiplied when not, in float32 as llama.cpp does.  ``windows``: a matrix
+    of token ids, a row per row of logits and -1 where a window is shorter (the engine's
+    form: one sort finds every row's distinct tokens), or an iterable of ids per row."""
+    ids = np.sort(windows if isinstance(windows, np.ndarray) else _padded(windows), axis=1)
+    first = ids >= 0  # each distinct id once: where it differs from the one before it
+    first[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    rows, at = np.nonzero(first)
+    if not rows.size:
         return
-    rows = np.repeat(np.arange(len(seen)), [x.size for x in seen])
+    cols = ids[rows, at]
     factor = np.float32(penalty)
     vals = logits[rows, cols]
     logits[rows, cols] = np.where(vals <= 0, vals * factor, vals / factor)
+
+
+def _padded(windows: Sequence[Iterable[int]]) -> np.ndarray:
+    """Windows of any lengths as the rows of a matrix, -1 after each one's end."""
+    rows = [list(w) for w in windows]
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.intp)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def penalized(logits: np.ndarray, window: Iterable[int],
