@@ -127,11 +127,10 @@ def call_latencies(logs: Path) -> dict[str, Any]:
     calls = [sorted(c) for c in by_client.values()]
     first = [c[0][1] for c in calls]
     later = [latency for c in calls for _, latency in c[1:]]
-    clients = by_client.keys()
     out: dict[str, Any] = {"first_mean_s": round(float(np.mean(first)), 3) if first else None,
                            "later_mean_s": round(float(np.mean(later)), 3) if later else None}
     if later:
-        out["steady_requests_per_s"] = round(len(clients) / float(np.mean(later)), 3)
+        out["steady_requests_per_s"] = round(len(by_client) / float(np.mean(later)), 3)
     return out
 
 
@@ -142,7 +141,7 @@ def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int,
     from themis_pg.generation.batching import BatchEngine
     from themis_pg.worker.process import Worker
 
-    BatchEngine.keep_prompts = keep_prompts
+    BatchEngine.keep_prompts = keep_prompts  # read by the engines it builds, lazily
     engine = Worker._engine(Settings(), "bench", args.model, lambda use: Path(use.sha256))
     try:
         for warm in reqs[:n_warm]:  # one after the other, as the SQL side was warmed
@@ -152,6 +151,7 @@ def run_engine_alone(args: argparse.Namespace, reqs: list[Any], n_warm: int,
         figures = engine_figures(engine.snapshot())
     finally:
         engine.close()
+        BatchEngine.keep_prompts = True  # the product's setting again
     kept = "" if keep_prompts else ", streams keep no prompt"
     return dict(row, path=f"engine alone, {len(reqs) - n_warm} requests{kept}",
                 engine=figures)
