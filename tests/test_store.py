@@ -239,21 +239,28 @@ def test_export_and_host_buffer_round_trip(kind):
         [[i for i, _ in h] for h in store.search(q, 5)]
 
 
-@pytest.mark.parametrize("path", ["scan", "gemm", "gemm in chunks"])
-@pytest.mark.parametrize("b", [1, 4, 5])
+@pytest.mark.parametrize("path", ["default", "fused", "gemm", "gemm in chunks"])
+@pytest.mark.parametrize("b", [1, 4, 5, 70])
 @pytest.mark.parametrize("dim", [384, 768, 12])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
-def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
-    """The one-pass scan (small batches; many blocks, a partial last block) and the GEMM
-    path (forced by SMALL_BATCH = 0; in chunks: score blocks of 1 MiB, so several chunks'
-    candidates meet in the merge) against the float64 reference, k = 1, 10 and 100 through
-    the fused merge (merge_rank), k = 200 through the separate selections.  dim 12 is not a
-    multiple of 8: it always takes the GEMM path."""
+def test_gpu_every_path_is_exact_on_clustered_rows(b, dim, path, monkeypatch):
+    """Each search path against the float64 reference: by default one query takes the
+    one-pass scan (many blocks, a partial last block) and 4 or 5 the fused path; "fused"
+    sends every batch there (70 queries: two query tiles, the second partial); "gemm" the
+    GEMM path (in chunks: score blocks of 1 MiB, so several chunks' candidates meet in the
+    merge).  k = 1, 10 and 100 go through the fused merge (merge_rank), k = 200 through the
+    separate selections.  dim 12 is not a multiple of 8: it always takes the GEMM path.  The
+    last row is then deleted: its stale copy past the live rows must not be found."""
     from themis_pg.retrieval import cupy_store
 
-    if path != "scan":
+    if path != "default":
         monkeypatch.setattr(cupy_store, "SMALL_BATCH", 0)
+    if path == "fused":
+        monkeypatch.setattr(cupy_store, "FUSED_MIN", 1)
+        monkeypatch.setattr(cupy_store, "FUSED_MAX", 1024)
+    if path.startswith("gemm"):
+        monkeypatch.setattr(cupy_store, "FUSED_MAX", 0)
     if path == "gemm in chunks":
         monkeypatch.setattr(cupy_store, "CHUNK_BYTES", 1 << 20)
     rng = np.random.default_rng(b * 1000 + dim)
@@ -271,10 +278,14 @@ def test_gpu_both_paths_are_exact_on_clustered_rows(b, dim, path, monkeypatch):
         assert got[-1][0][0] == ids[-1], "a query equal to the last row must find it first"
         for g in got:
             assert all(a[1] >= c[1] for a, c in itertools.pairwise(g))
+    assert store.delete([int(ids[-1])]) == 1
+    got = store.search(queries, 10)
+    assert recall(got, reference(matrix[:-1], ids[:-1], queries, 10)) == 1.0
+    assert all(i != ids[-1] for i, _ in got[-1])
 
 
 @pytest.mark.parametrize("k", [10, 150])
-@pytest.mark.parametrize("b", [1, 8])
+@pytest.mark.parametrize("b", [1, 8, "8 by the GEMM path"])
 @pytest.mark.parametrize("cap", ["near-ties rescored", "too many: exact scan"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is needed")
@@ -282,8 +293,13 @@ def test_gpu_near_ties_the_bound_cannot_certify(b, cap, k, monkeypatch):
     """Thousands of rows within fp16 rounding of each other around the query: the candidates
     cannot be certified, so the store must collect every row within the bound of the k-th
     score and rescore those in fp32 (or scan exactly when there are more than its share),
-    and still return the fp32 order.  k = 10 certifies in merge_rank, k = 150 apart."""
+    and still return the fp32 order.  k = 10 certifies in merge_rank (8 queries: the fused
+    path's bounds, or the GEMM path's), k = 150 apart."""
     from themis_pg.retrieval import cupy_store
+
+    if b == "8 by the GEMM path":
+        monkeypatch.setattr(cupy_store, "FUSED_MAX", 0)
+        b = 8
 
     rng = np.random.default_rng(3)
     dim = 384

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU machine's run for the retrieval issue, in one command (see ../shared/GPU.md):
-#   bash bench/gpu/issue7.sh [tests] [probe] [retrieval] [load] [pgvector] [restart] [embed]
+#   bash bench/gpu/issue7.sh [tests] [probe] [fused] [retrieval] [load] [pgvector] [restart]
+#       [embed]
 #   (default: the first five)
 # from the repository root, with $CARRY (default .carry/) holding the pg15 kit and the cp312
 # wheels (psycopg, pgvector; in whl/ or at its top, as sql_path.sh's .carry10/); embed also
@@ -30,11 +31,14 @@ DSN="host=/tmp port=5433 user=pguser dbname=postgres"
 for step in $steps; do
     echo "== $step" >> "$LOG"
     case $step in
-    tests) timeout 200 python3 -m pytest tests/test_store.py -q --noconftest \
+    tests) timeout 300 python3 -m pytest tests/test_store.py -q --noconftest \
                -p no:cacheprovider -o addopts="" --tb=short > "$OUT/tests.txt" 2>&1
            tail -3 "$OUT/tests.txt" ;;
     probe) timeout 120 python3 bench/gpu/probe_small.py > "$OUT/probe.txt" 2>> "$LOG"
            cat "$OUT/probe.txt" ;;
+    fused) timeout 300 python3 bench/gpu/probe_fused.py ${FUSED_ARGS:-} > "$OUT/fused.txt" \
+               2>> "$LOG"
+           cat "$OUT/fused.txt" ;;
     retrieval) timeout 300 python3 bench/retrieval.py --json "$OUT/retrieval.json" \
                    > "$OUT/retrieval.md" 2>> "$LOG"
                cat "$OUT/retrieval.md" ;;

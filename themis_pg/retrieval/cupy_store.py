@@ -83,6 +83,7 @@ MARGIN = 16         # extra groups and extra rows rescored beyond k
 THRESHOLD_SHARE = 0.25  # near-ties of one query beyond this share of the rows: exact scan
 EPS_SCAN = 2.0 ** -11 + 1e-4  # |approximate - exact fp32 score|, one-pass scan (fp32 query)
 EPS_GEMM = 3 * 2.0 ** -11 + 1e-4  # the same, GEMM path (fp16 query and fp16 scores)
+EPS_FUSED = 2 * 2.0 ** -11 + 1e-4  # the same, fused path (fp16 query, fp32 scores)
 CHUNK_BYTES = 1 << 30  # the fp16 score block of one GEMM (1 GiB; transient)
 # load_rows' staging: threads, and the bytes of each of a thread's two pinned buffers.  H200
 # host, 1M x 384 in a fresh process: 0.117 s at 4 x 8 MB, 0.122-0.135 at 8 x 4, 0.170 at
@@ -194,14 +195,16 @@ __device__ void collect_top(const float* __restrict__ row, const int n, const in
 }
 """
 _RADIX_TOPK = _SELECT + r"""
-/* One block per row of x (b, n): the indices of its k largest values, unordered. */
+/* One block per row of x (b, n): the indices of its k largest values, unordered, and the
+   k-th largest value itself (kth[b]: the fused path's bound on every value left out). */
 extern "C" __global__ void radix_topk(const float* __restrict__ x, const int n, const int k,
-                                      long long* __restrict__ out) {
+                                      long long* __restrict__ out, float* __restrict__ kth) {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int st[3];
     __shared__ int count[2];
     const float* row = x + (long long)blockIdx.x * n;
     kth_key(row, n, k, hist, st);
+    if (threadIdx.x == 0) kth[blockIdx.x] = float_of(st[0]);
     collect_top<long long>(row, n, k, st, out + (long long)blockIdx.x * k, count);
 }
 """
@@ -350,7 +353,9 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
 # The last step of a certified search, fused (one block per query, one launch for the batch):
 # select the best ``keep`` candidates by approximate score, rescore them exactly in fp32,
 # rank them and write the best k, with the certificate of the module doc: ok when the k-th
-# exact score is at least the lowest kept approximate score + eps.  Before, the same took
+# exact score is at least the lowest kept approximate score + eps (and, with ``has_bound``,
+# at least ``bound[b] + bound_eps``: the fused path's bound on every row it did not score).
+# Before, the same took
 # about ten CuPy launches from Python (two selections and their gathers, the rescoring, a
 # reduction, the compare) and a sync for the certificate.
 MERGE_MAX = 128  # most candidates one merge_rank or exact_rank block rescores (RANK_MAX)
@@ -372,7 +377,9 @@ extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
                                       const float* __restrict__ full, const int d, const int k,
                                       const float eps, const int every_row,
                                       long long* __restrict__ out_rows,
-                                      float* __restrict__ out_scores, int* __restrict__ ok) {
+                                      float* __restrict__ out_scores, int* __restrict__ ok,
+                                      const float* __restrict__ bound, const float bound_eps,
+                                      const int has_bound) {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int st[3];
     __shared__ int count[2];
@@ -398,8 +405,11 @@ extern "C" __global__ void merge_rank(const long long* __restrict__ cand_rows,
         chosen[j] = approx[pick[j]] == neg_inf ? -1LL : rows[pick[j]];
     __syncthreads();
     rescore_rank(q + b * d, full, d, chosen, c, k, out_rows + b * k, out_scores + b * k);
-    if (threadIdx.x == 0)
-        ok[b] = (all || c < k || out_scores[b * k + k - 1] >= lowest + eps) ? 1 : 0;
+    if (threadIdx.x == 0) {
+        const float kth = out_scores[b * k + k - 1];
+        ok[b] = (all || c < k || (kth >= lowest + eps
+                                  && (!has_bound || kth >= bound[b] + bound_eps))) ? 1 : 0;
+    }
 }
 """
 _SCAN_SELECT = r"""
@@ -556,6 +566,135 @@ extern "C" __global__ void scan_select(const __half* __restrict__ m, const long 
     }
 }
 """
+# Batches of FUSED_MIN to FUSED_MAX queries (the fused path): the scores never reach global
+# memory.  ``fused_group_max`` computes them on the tensor cores (WMMA, fp16 in, fp32
+# accumulate), a warp 32 rows x QT queries at a time, and writes only each group's maximum per
+# query; the matrix is read once per QT queries (the query tile stays in shared memory), where
+# the GEMM path writes a fp16 score block and reads it again for the maxima.  ``radix_topk``
+# keeps the best groups and their bound (the k-th maximum: every row of the other groups
+# scores at most that, approximately), ``score_groups`` scores the kept groups' rows again
+# from the fp16 matrix with the fp32 query, and ``merge_rank`` rescores the best of them
+# exactly, with both bounds in its certificate.
+_FUSED_GROUP_MAX = r"""
+#include <mma.h>
+#include <cuda_fp16.h>
+/* Compiled per DIM (a multiple of 16) and QT (queries a block: 16, 32 or 64).  The matrix's
+   allocation holds a multiple of 32 rows, so a warp's 32-row block never reads past it;
+   scores of rows from `rows` on count as -inf.  Block (x: query tile, y: row stride): its 8
+   warps take groups y * 8 + warp, then every gridDim.y * 8-th, so the blocks of all query
+   tiles over the same rows run together and share them in L2. */
+#define QLD (DIM + 8)  /* padded query rows: conflict-free fragment loads */
+#define SLD 36         /* a warp's 16 x 32 staging of scores, padded */
+#define MT (QT / 16)
+extern "C" __global__ void __launch_bounds__(256)
+fused_group_max(const __half* __restrict__ m, const long long rows, const int group,
+                const long long groups, const __half* __restrict__ q, const int B,
+                float* __restrict__ out) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* qs = reinterpret_cast<__half*>(smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* stage = reinterpret_cast<float*>(smem + QT * QLD * 2) + warp * 16 * SLD;
+    const int q0 = blockIdx.x * QT;
+    for (int i = threadIdx.x; i < QT * (DIM / 8); i += blockDim.x) {
+        const int r = i / (DIM / 8), c = i % (DIM / 8);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (q0 + r < B) v = reinterpret_cast<const uint4*>(q + (long long)(q0 + r) * DIM)[c];
+        *reinterpret_cast<uint4*>(qs + r * QLD + c * 8) = v;
+    }
+    __syncthreads();
+    const float neg_inf = __int_as_float(0xff800000);
+    const int j = lane & 15, h = lane >> 4;  /* staging row (a query), column half */
+    const long long stride = (long long)gridDim.y * 8;
+    for (long long g = (long long)blockIdx.y * 8 + warp; g < groups; g += stride) {
+        float best[MT];
+        #pragma unroll
+        for (int t = 0; t < MT; ++t) best[t] = neg_inf;
+        for (int s = 0; s < group; s += 32) {
+            const long long r0 = g * group + s;
+            if (r0 >= rows) break;  /* warp-uniform */
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT][2];
+            #pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                wmma::fill_fragment(acc[t][0], 0.0f);
+                wmma::fill_fragment(acc[t][1], 0.0f);
+            }
+            const __half* r = m + r0 * DIM;
+            #pragma unroll 4
+            for (int k = 0; k < DIM; k += 16) {
+                /* B = the rows transposed: column-major with leading dimension DIM */
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b0, b1;
+                wmma::load_matrix_sync(b0, r + k, DIM);
+                wmma::load_matrix_sync(b1, r + 16 * DIM + k, DIM);
+                #pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+                    wmma::load_matrix_sync(a, qs + t * 16 * QLD + k, QLD);
+                    wmma::mma_sync(acc[t][0], a, b0, acc[t][0]);
+                    wmma::mma_sync(acc[t][1], a, b1, acc[t][1]);
+                }
+            }
+            #pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                wmma::store_matrix_sync(stage, acc[t][0], SLD, wmma::mem_row_major);
+                wmma::store_matrix_sync(stage + 16, acc[t][1], SLD, wmma::mem_row_major);
+                __syncwarp();
+                float v = neg_inf;
+                #pragma unroll
+                for (int c = 0; c < 16; ++c) {
+                    const int col = h * 16 + ((c + j) & 15);  /* rotated: fewer bank conflicts */
+                    if (r0 + col < rows) v = fmaxf(v, stage[j * SLD + col]);
+                }
+                best[t] = fmaxf(best[t], fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16)));
+                __syncwarp();
+            }
+        }
+        #pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            const int qi = q0 + t * 16 + j;
+            if (h == 0 && qi < B) out[(long long)qi * groups + g] = best[t];
+        }
+    }
+}
+"""
+_SCORE_GROUPS = r"""
+#include <cuda_fp16.h>
+/* The fused path's candidates: block (s, b) scores the rows of query b's s-th kept group
+   (top[b, s]) from the fp16 matrix against the fp32 query (as the one-pass scan does), into
+   columns s * group + i of the (b, sel * group) candidate arrays; rows from `rows` on get
+   row -1 and -inf.  A warp a row, lanes over half2 pairs (dim even). */
+extern "C" __global__ void score_groups(const __half* __restrict__ m, const long long rows,
+                                        const int dim, const int group, const int sel,
+                                        const long long* __restrict__ top,
+                                        const float* __restrict__ q,
+                                        long long* __restrict__ cand_rows,
+                                        float* __restrict__ cand_scores) {
+    extern __shared__ float qs[];
+    const int s = blockIdx.x, b = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) qs[i] = q[(long long)b * dim + i];
+    __syncthreads();
+    const long long first = top[(long long)b * sel + s] * group;
+    const long long at = (long long)b * sel * group + (long long)s * group;
+    for (int i = warp; i < group; i += warps) {
+        const long long r = first + i;
+        float acc = 0.0f;
+        if (r < rows) {
+            const __half2* v = reinterpret_cast<const __half2*>(m + r * dim);
+            for (int c = lane; c < dim / 2; c += 32) {
+                const float2 f = __half22float2(v[c]);
+                acc += f.x * qs[2 * c] + f.y * qs[2 * c + 1];
+            }
+        }
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) {
+            cand_rows[at + i] = r < rows ? r : -1LL;
+            cand_scores[at + i] = r < rows ? acc : __int_as_float(0xff800000);
+        }
+    }
+}
+"""
 _kernels: dict[tuple[int, str, tuple[str, ...]], Any] = {}
 
 
@@ -566,6 +705,11 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
     return _kernels[key]
 
 
+FUSED_MIN = 2         # batches of FUSED_MIN to FUSED_MAX queries take the fused path
+FUSED_MAX = 64        # (a k + margin up to MERGE_MAX, dim a multiple of 16)
+FUSED_THREADS = 256   # 8 warps: fused_group_max's launch bounds
+FUSED_BLOCKS_PER_SM = 2  # resident blocks of fused_group_max at QT = 64 (128 registers)
+ROW_ALIGN = 32        # the matrix's allocation is a multiple of this many rows (fused path)
 SMALL_BATCH = 1       # up to this many queries: the one-pass scan (scan_select); more
                       # queries make it bound by shared-memory reads of the queries
 SMALL_KEEP = MERGE_MAX  # ... when k + margin is at most this (merge_rank merges its blocks)
@@ -604,14 +748,18 @@ def group_max(cp: Any, scores: Any, live: int, group: int, out: Any, offset: int
          out, cp.int64(out.shape[1]), cp.int32(offset), cp.int32(b)))
 
 
-def radix_topk(cp: Any, x: Any, k: int) -> Any:
+def radix_topk(cp: Any, x: Any, k: int, kth: Any = None) -> Any:
     """Column indices (b, k), unordered, of the k largest values of each row of ``x`` (b, n)
-    float32 on the GPU; ``k`` must be at most n."""
+    float32 on the GPU; ``k`` must be at most n.  ``kth`` (b,) float32, when given, receives
+    each row's k-th largest value."""
     x = cp.ascontiguousarray(x, dtype=cp.float32)
     b, n = x.shape
     out = cp.empty((b, k), cp.int64)
+    if kth is None:
+        kth = cp.empty(b, cp.float32)
     if b and k:
-        _kernel(cp, _RADIX_TOPK, "radix_topk")((b,), (512,), (x, cp.int32(n), cp.int32(k), out))
+        _kernel(cp, _RADIX_TOPK, "radix_topk")((b,), (512,),
+                                               (x, cp.int32(n), cp.int32(k), out, kth))
     return out
 
 
@@ -621,6 +769,11 @@ def gather(cp: Any, x: Any, idx: Any) -> Any:
     width = x.shape[1]
     flat = cp.ascontiguousarray(x).reshape(-1)
     return flat[idx + cp.arange(0, x.shape[0] * width, width, dtype=idx.dtype)[:, None]]
+
+
+def _aligned(rows: int) -> int:
+    """``rows`` rounded up to a multiple of ROW_ALIGN."""
+    return -(-rows // ROW_ALIGN) * ROW_ALIGN
 
 
 def cupy_available() -> bool:
@@ -648,8 +801,8 @@ class CupyStore(RowMap):
         self.device = f"cuda:{device_id}"
         self._sms = int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
         with cp.cuda.Device(device_id):
-            self._half = cp.zeros((capacity, dim), cp.float16)
-            self._full = cp.zeros((capacity, dim), cp.float32)
+            self._half = cp.zeros((_aligned(capacity), dim), cp.float16)
+            self._full = cp.zeros((_aligned(capacity), dim), cp.float32)
 
     @property
     def nbytes(self) -> int:
@@ -662,7 +815,7 @@ class CupyStore(RowMap):
         capacity = self._half.shape[0]
         if rows <= capacity:
             return
-        new_capacity = max(rows, 2 * capacity)
+        new_capacity = _aligned(max(rows, 2 * capacity))
         with cp.cuda.Device(self.device_id):
             half = cp.zeros((new_capacity, self.dim), cp.float16)
             full = cp.zeros((new_capacity, self.dim), cp.float32)
@@ -687,7 +840,7 @@ class CupyStore(RowMap):
         """An fp32 matrix for ``n`` rows (at least 1024), rows from ``n`` on zero; the old
         matrix is freed first, so a reload does not need room for two."""
         self._full = self._half = None
-        full = self._cp.empty((max(n, 1024), self.dim), self._cp.float32)
+        full = self._cp.empty((_aligned(max(n, 1024)), self.dim), self._cp.float32)
         full[n:] = 0
         return full
 
@@ -874,8 +1027,13 @@ class CupyStore(RowMap):
         cp = self._cp
         keep = min(k + MARGIN, self._size)
         fused = keep <= MERGE_MAX  # the usual k: merge, rescoring and certificate in one kernel
+        bound = None
         if self._small_ok(len(q32), keep):  # implies fused
             cand, approx = self._candidates_scan(q32, keep)
+            eps = EPS_SCAN
+        elif fused and self._fused_ok(len(q32)):
+            cand, approx, bound = self._candidates_fused(q32, keep)
+            keep = min(MERGE_MAX, cand.shape[1])  # rescoring 128 rows exactly costs little
             eps = EPS_SCAN
         else:
             if fused and len(q32) <= WIDE_BATCH:
@@ -883,7 +1041,7 @@ class CupyStore(RowMap):
             cand, approx = self._candidates_gemm(q32, keep, merged=not fused)
             eps = EPS_GEMM
         if fused:
-            rows, scores, ok = self._merge_rank(q32, cand, approx, keep, k, eps)
+            rows, scores, ok = self._merge_rank(q32, cand, approx, keep, k, eps, bound)
             todo = np.flatnonzero(cp.asnumpy(ok) == 0)  # the one sync of the usual case
         else:
             rows, scores = self._exact_top(q32, cp.where(approx == -cp.inf, -1, cand), k)
@@ -901,10 +1059,11 @@ class CupyStore(RowMap):
         return rows, scores
 
     def _merge_rank(self, q32: Any, cand: Any, approx: Any, keep: int, k: int,
-                    eps: float) -> tuple[Any, Any, Any]:
+                    eps: float, bound: Any = None) -> tuple[Any, Any, Any]:
         """The best ``keep`` of each query's candidates (b, w) by approximate score, rescored
         exactly, the best k in order: (rows, scores, ok) with ok[i] = 1 where the certificate
-        holds (one kernel, ``merge_rank``; keep <= MERGE_MAX)."""
+        holds (one kernel, ``merge_rank``; keep <= MERGE_MAX).  ``bound`` (b,): the highest
+        approximate score (fused path, EPS_FUSED) of any row that is no candidate."""
         cp = self._cp
         b, w = cand.shape
         rows = cp.empty((b, k), cp.int64)
@@ -913,8 +1072,48 @@ class CupyStore(RowMap):
         _kernel(cp, _MERGE_RANK, "merge_rank")(
             (b,), (MERGE_THREADS,),
             (cand, approx, cp.int32(w), cp.int32(keep), q32, self._full, cp.int32(self.dim),
-             cp.int32(k), cp.float32(eps), cp.int32(keep >= self._size), rows, scores, ok))
+             cp.int32(k), cp.float32(eps), cp.int32(keep >= self._size), rows, scores, ok,
+             ok if bound is None else bound, cp.float32(EPS_FUSED),
+             cp.int32(bound is not None)))
         return rows, scores, ok
+
+    def _fused_ok(self, b: int) -> bool:
+        return FUSED_MIN <= b <= FUSED_MAX and self.dim % 16 == 0
+
+    def _candidates_fused(self, q32: Any, keep: int) -> tuple[Any, Any, Any]:
+        """The fused path (FUSED_MIN..FUSED_MAX queries; see ``_FUSED_GROUP_MAX``): the best
+        ``keep`` groups of each query by their maxima on the tensor cores, every row of them
+        scored from the fp16 matrix with the fp32 query.  (rows, approximate scores, bound):
+        (b, keep x group) candidates, -inf past the last row, and each query's bound on the
+        approximate score of every other row (None when every group is kept)."""
+        cp = self._cp
+        b, dim, size = len(q32), self.dim, self._size
+        group = self._group_rows()
+        groups = -(-size // group)
+        sel = min(keep, groups)
+        qt = 16 if b <= 16 else 32 if b <= 32 else 64
+        tiles = -(-b // qt)
+        strides = max(1, min(-(-groups // 8), -(-FUSED_BLOCKS_PER_SM * self._sms // tiles)))
+        smem = qt * (dim + 8) * 2 + 8 * 16 * 36 * 4  # query tile + each warp's staging
+        kernel = _kernel(cp, _FUSED_GROUP_MAX, "fused_group_max", (f"-DDIM={dim}", f"-DQT={qt}"))
+        kernel.max_dynamic_shared_size_bytes = smem
+        maxima = cp.empty((b, groups), cp.float32)
+        kernel((tiles, strides), (FUSED_THREADS,),
+               (self._half, cp.int64(size), cp.int32(group), cp.int64(groups),
+                q32.astype(cp.float16), cp.int32(b), maxima), shared_mem=smem)
+        bound = None
+        if sel < groups:
+            bound = cp.empty(b, cp.float32)
+            top = radix_topk(cp, maxima, sel, bound)
+        else:
+            top = cp.tile(cp.arange(groups, dtype=cp.int64), (b, 1))
+        rows = cp.empty((b, sel * group), cp.int64)
+        approx = cp.empty((b, sel * group), cp.float32)
+        _kernel(cp, _SCORE_GROUPS, "score_groups")(
+            (sel, b), (256,),
+            (self._half, cp.int64(size), cp.int32(dim), cp.int32(group), cp.int32(sel), top,
+             q32, rows, approx), shared_mem=4 * dim)
+        return rows, approx, bound
 
     def _near_ties(self, q32: Any, kth: Any, k: int) -> tuple[Any, Any]:
         """The exact best k of each query (t, dim) whose k-th exact score so far is ``kth``
