@@ -106,14 +106,14 @@ def probe(n: int, dim: int, batches: list[int], k: int) -> None:
         cs.FUSED_BLOCKS_PER_SM = bps
         print(f"  search() with {bps} blocks an SM: {ms(lambda: store.search(host, k)):.3f} ms")
     cs.FUSED_BLOCKS_PER_SM = default_bps
-    default_rows = store._group_rows
+    defaults = cs.GROUP, cs.MAX_GROUP
     for g in (32, 64, 128, 256):
-        store._group_rows = lambda g=g: g  # type: ignore[method-assign]
+        cs.GROUP = cs.MAX_GROUP = g  # _group_rows() returns g
         before = store.uncertified_queries
         store.search(host, k)
         print(f"  search() with groups of {g}: {ms(lambda: store.search(host, k)):.3f} ms, "
               f"{store.uncertified_queries - before} not certified")
-    store._group_rows = default_rows  # type: ignore[method-assign]
+    cs.GROUP, cs.MAX_GROUP = defaults
 
 
 def main() -> None:
