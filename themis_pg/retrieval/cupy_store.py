@@ -771,6 +771,19 @@ def gather(cp: Any, x: Any, idx: Any) -> Any:
     return flat[idx + cp.arange(0, x.shape[0] * width, width, dtype=idx.dtype)[:, None]]
 
 
+_fused_kernels: dict[tuple[int, int, int], Any] = {}  # (device, dim, query tile) -> kernel
+
+
+def _query_tile(b: int) -> int:
+    """Queries a fused_group_max block holds: 16, 32 or 64."""
+    return 16 if b <= 16 else 32 if b <= 32 else 64
+
+
+def _fused_smem(dim: int, qt: int) -> int:
+    """fused_group_max's dynamic shared memory: the padded query tile, each warp's staging."""
+    return qt * (dim + 8) * 2 + 8 * 16 * 36 * 4
+
+
 def _aligned(rows: int) -> int:
     """``rows`` rounded up to a multiple of ROW_ALIGN."""
     return -(-rows // ROW_ALIGN) * ROW_ALIGN
@@ -1078,7 +1091,28 @@ class CupyStore(RowMap):
         return rows, scores, ok
 
     def _fused_ok(self, b: int) -> bool:
-        return FUSED_MIN <= b <= FUSED_MAX and self.dim % 16 == 0
+        return (FUSED_MIN <= b <= FUSED_MAX and self.dim % 16 == 0
+                and self._fused_kernel(_query_tile(b)) is not None)
+
+    def _fused_kernel(self, qt: int) -> Any:
+        """fused_group_max for this dimension and query tile, compiled once; None where it
+        does not compile (NVRTC without the CUDA headers' mma.h): the GEMM path then serves
+        those batches."""
+        key = (self.device_id, self.dim, qt)
+        if key not in _fused_kernels:
+            cp = self._cp
+            kernel = _kernel(cp, _FUSED_GROUP_MAX, "fused_group_max",
+                             (f"-DDIM={self.dim}", f"-DQT={qt}"))
+            try:
+                with cp.cuda.Device(self.device_id):
+                    kernel.compile()
+                    kernel.max_dynamic_shared_size_bytes = _fused_smem(self.dim, qt)
+            except Exception as exc:  # a compile or driver error: the GEMM path still works
+                log.warning("the fused search path is off (%s); batches take the GEMM path",
+                            exc)
+                kernel = None
+            _fused_kernels[key] = kernel
+        return _fused_kernels[key]
 
     def _candidates_fused(self, q32: Any, keep: int) -> tuple[Any, Any, Any]:
         """The fused path (FUSED_MIN..FUSED_MAX queries; see ``_FUSED_GROUP_MAX``): the best
@@ -1091,16 +1125,14 @@ class CupyStore(RowMap):
         group = self._group_rows()
         groups = -(-size // group)
         sel = min(keep, groups)
-        qt = 16 if b <= 16 else 32 if b <= 32 else 64
+        qt = _query_tile(b)
         tiles = -(-b // qt)
         strides = max(1, min(-(-groups // 8), -(-FUSED_BLOCKS_PER_SM * self._sms // tiles)))
-        smem = qt * (dim + 8) * 2 + 8 * 16 * 36 * 4  # query tile + each warp's staging
-        kernel = _kernel(cp, _FUSED_GROUP_MAX, "fused_group_max", (f"-DDIM={dim}", f"-DQT={qt}"))
-        kernel.max_dynamic_shared_size_bytes = smem
         maxima = cp.empty((b, groups), cp.float32)
-        kernel((tiles, strides), (FUSED_THREADS,),
-               (self._half, cp.int64(size), cp.int32(group), cp.int64(groups),
-                q32.astype(cp.float16), cp.int32(b), maxima), shared_mem=smem)
+        self._fused_kernel(qt)(
+            (tiles, strides), (FUSED_THREADS,),
+            (self._half, cp.int64(size), cp.int32(group), cp.int64(groups),
+             q32.astype(cp.float16), cp.int32(b), maxima), shared_mem=_fused_smem(dim, qt))
         bound = None
         if sel < groups:
             bound = cp.empty(b, cp.float32)
