@@ -23,7 +23,7 @@ from themis_pg.retrieval import cupy_store as cs
 
 
 def ms(fn: Callable[[], Any], runs: int = 20) -> float:
-    return timed(fn, cp.cuda.Device().synchronize, runs, warmup=3)
+    return float(timed(fn, cp.cuda.Device().synchronize, runs, warmup=3))
 
 
 def reference(full: Any, q: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
