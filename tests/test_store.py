@@ -250,8 +250,9 @@ def test_gpu_every_path_is_exact_on_clustered_rows(b, dim, path, monkeypatch):
     sends every batch there (70 queries: two query tiles, the second partial); "gemm" the
     GEMM path (in chunks: score blocks of 1 MiB, so several chunks' candidates meet in the
     merge).  k = 1, 10 and 100 go through the fused merge (merge_rank), k = 200 through the
-    separate selections.  dim 12 is not a multiple of 8: it always takes the GEMM path.  The
-    last row is then deleted: its stale copy past the live rows must not be found."""
+    separate selections.  dim 12 is not a multiple of 8 (nor of 64, the fused path's): it
+    always takes the GEMM path.  The last row is then deleted: its stale copy past the live
+    rows must not be found."""
     from themis_pg.retrieval import cupy_store
 
     if path != "default":
@@ -269,6 +270,8 @@ def test_gpu_every_path_is_exact_on_clustered_rows(b, dim, path, monkeypatch):
     ids = np.arange(n, dtype=np.int64) * 3
     store = cupy_store.CupyStore(dim)
     store.replace_all(ids, matrix)
+    if path in ("default", "fused") and dim % 64 == 0:
+        assert store._fused_ok(4), "the fused kernel did not compile (see the log)"
     queries = np.concatenate([unit(rng, b - 1, dim), matrix[n - 1:n]])  # the last row too
     for k in (1, 10, 100, 200):
         got = store.search(queries, k)

@@ -104,6 +104,15 @@ def probe(n: int, dim: int, batches: list[int], k: int) -> None:
     print(f"stages at {b} queries ({groups} groups of {group}, {cand.shape[1]} candidates):")
     print(f"  fused_group_max alone: {ms(launch):.3f} ms "
           f"(read floor {store._half[:n].nbytes / 4.0e12 * 1e3:.3f} ms at 4 TB/s)")
+    for options, per_sm in ((("-DNT=4", "-DMINB=1"), 1), (("-DNT=4", "-DMINB=1"), 2),
+                            (("-DNT=2", "-DMINB=2"), 4), (("-DNT=1", "-DMINB=3"), 3)):
+        variant = cs._kernel(cp, cs._FUSED_GROUP_MAX, "fused_group_max",
+                             (f"-DDIM={dim}", "-DQT=64", *options))
+        variant.max_dynamic_shared_size_bytes = smem
+        grid = (1, min(-(-groups // 8), per_sm * store._sms))
+        args = (store._half, cp.int64(n), cp.int32(group), cp.int64(groups), q16,
+                cp.int32(b), maxima)
+        print(f"  variant {' '.join(options)}, {per_sm} blocks an SM: " + f"{ms(lambda: variant(grid, (cs.FUSED_THREADS,), args, shared_mem=smem)):.3f} ms")  # noqa: B023,E501
     print(f"  radix_topk of the maxima: {ms(lambda: cs.radix_topk(cp, maxima, keep)):.3f} ms")
     print(f"  candidates (kernel + select + score_groups): "
           f"{ms(lambda: store._candidates_fused(q32, keep)):.3f} ms")

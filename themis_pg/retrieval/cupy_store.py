@@ -576,25 +576,45 @@ extern "C" __global__ void scan_select(const __half* __restrict__ m, const long 
 # from the fp16 matrix with the fp32 query, and ``merge_rank`` rescores the best of them
 # exactly, with both bounds in its certificate.
 _FUSED_GROUP_MAX = r"""
-#include <mma.h>
 #include <cuda_fp16.h>
-/* Compiled per DIM (a multiple of 16) and QT (queries a block: 16, 32 or 64).  The matrix's
-   allocation holds a multiple of 32 rows, so a warp's 32-row block never reads past it;
-   scores of rows from `rows` on count as -inf.  Block (x: query tile, y: row stride): its 8
-   warps take groups y * 8 + warp, then every gridDim.y * 8-th, so the blocks of all query
-   tiles over the same rows run together and share them in L2. */
-#define QLD (DIM + 8)  /* padded query rows: conflict-free fragment loads */
-#define SLD 36         /* a warp's 16 x 32 staging of scores, padded */
-#define MT (QT / 16)
-extern "C" __global__ void __launch_bounds__(256)
+/* Compiled per DIM (a multiple of 64) and QT (queries a block: 16, 32 or 64).  The tensor
+   cores through PTX (mma.sync m16n8k16, fp16 in, fp32 accumulate; no mma.h, which NVRTC
+   does not always find): A = a 16-query tile, B = 8 matrix rows transposed.  The sum over k
+   does not depend on the order of k, so each 64-wide slice of k is permuted alike in A and
+   B: lane (g = lane / 4, t = lane % 4) of a fragment takes k = 16 t .. 16 t + 15 of the
+   slice, two 16-byte loads of one row a slice, and the 4 lanes of a row read its 128 bytes
+   at once.  Step s of the slice gives fragment k (2t, 2t+1) the physical k 16t + 4s + (0, 1)
+   and (2t+8, 2t+9) the physical 16t + 4s + (2, 3), the same in A and B.  The matrix's
+   allocation is a multiple of 32 rows, so a warp's 8 NT rows never read past it; rows from
+   `rows` on score -inf.  Block (x: query tile, y: stride): its 8 warps take groups
+   y * 8 + warp, then every gridDim.y * 8-th, so the blocks of all query tiles over the same
+   rows run together and share them in L2. */
+#define QLD (DIM + 8)  /* padded query rows: the 16-byte loads of a quarter warp hit 8 banks */
+#define MT (QT / 16)   /* 16-query tiles */
+#ifndef NT             /* 8-row tiles a warp takes at a time (fewer at QT 64: registers) */
+#define NT (QT == 64 ? 2 : 4)
+#endif
+#ifndef MINB           /* resident blocks a multiprocessor the registers must allow */
+#define MINB 2
+#endif
+
+__device__ __forceinline__ void mma16816(float* c, const unsigned int a0, const unsigned int a1,
+                                         const unsigned int a2, const unsigned int a3,
+                                         const unsigned int b0, const unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(256, MINB)
 fused_group_max(const __half* __restrict__ m, const long long rows, const int group,
                 const long long groups, const __half* __restrict__ q, const int B,
                 float* __restrict__ out) {
-    using namespace nvcuda;
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(16) unsigned char smem[];
     __half* qs = reinterpret_cast<__half*>(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* stage = reinterpret_cast<float*>(smem + QT * QLD * 2) + warp * 16 * SLD;
+    const int g = lane >> 2, t4 = lane & 3;
     const int q0 = blockIdx.x * QT;
     for (int i = threadIdx.x; i < QT * (DIM / 8); i += blockDim.x) {
         const int r = i / (DIM / 8), c = i % (DIM / 8);
@@ -604,55 +624,78 @@ fused_group_max(const __half* __restrict__ m, const long long rows, const int gr
     }
     __syncthreads();
     const float neg_inf = __int_as_float(0xff800000);
-    const int j = lane & 15, h = lane >> 4;  /* staging row (a query), column half */
     const long long stride = (long long)gridDim.y * 8;
-    for (long long g = (long long)blockIdx.y * 8 + warp; g < groups; g += stride) {
-        float best[MT];
+    for (long long grp = (long long)blockIdx.y * 8 + warp; grp < groups; grp += stride) {
+        float best_lo[MT], best_hi[MT];  /* queries 16 i + g and 16 i + g + 8 */
         #pragma unroll
-        for (int t = 0; t < MT; ++t) best[t] = neg_inf;
-        for (int s = 0; s < group; s += 32) {
-            const long long r0 = g * group + s;
+        for (int i = 0; i < MT; ++i) best_lo[i] = best_hi[i] = neg_inf;
+        for (int s0 = 0; s0 < group; s0 += 8 * NT) {
+            const long long r0 = grp * group + s0;
             if (r0 >= rows) break;  /* warp-uniform */
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT][2];
+            float acc[MT][NT][4];
             #pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                wmma::fill_fragment(acc[t][0], 0.0f);
-                wmma::fill_fragment(acc[t][1], 0.0f);
-            }
-            const __half* r = m + r0 * DIM;
-            #pragma unroll 4
-            for (int k = 0; k < DIM; k += 16) {
-                /* B = the rows transposed: column-major with leading dimension DIM */
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b0, b1;
-                wmma::load_matrix_sync(b0, r + k, DIM);
-                wmma::load_matrix_sync(b1, r + 16 * DIM + k, DIM);
+            for (int i = 0; i < MT; ++i)
                 #pragma unroll
-                for (int t = 0; t < MT; ++t) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
-                    wmma::load_matrix_sync(a, qs + t * 16 * QLD + k, QLD);
-                    wmma::mma_sync(acc[t][0], a, b0, acc[t][0]);
-                    wmma::mma_sync(acc[t][1], a, b1, acc[t][1]);
+                for (int n = 0; n < NT; ++n)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[i][n][e] = 0.0f;
+            const __half* mrow = m + (r0 + g) * DIM + 16 * t4;
+            #pragma unroll 1
+            for (int p = 0; p < DIM; p += 64) {
+                unsigned int b[NT][8];
+                #pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    const uint4* at = reinterpret_cast<const uint4*>(mrow + n * 8 * DIM + p);
+                    const uint4 lo = at[0], hi = at[1];
+                    b[n][0] = lo.x; b[n][1] = lo.y; b[n][2] = lo.z; b[n][3] = lo.w;
+                    b[n][4] = hi.x; b[n][5] = hi.y; b[n][6] = hi.z; b[n][7] = hi.w;
+                }
+                #pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const uint4* ra = reinterpret_cast<const uint4*>(
+                        qs + (16 * i + g) * QLD + p + 16 * t4);
+                    const uint4* rb = reinterpret_cast<const uint4*>(
+                        qs + (16 * i + g + 8) * QLD + p + 16 * t4);
+                    const uint4 x0 = ra[0], x1 = ra[1], y0 = rb[0], y1 = rb[1];
+                    const unsigned int a_lo[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                    const unsigned int a_hi[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+                    #pragma unroll
+                    for (int st = 0; st < 4; ++st)
+                        #pragma unroll
+                        for (int n = 0; n < NT; ++n)
+                            mma16816(acc[i][n], a_lo[2 * st], a_hi[2 * st], a_lo[2 * st + 1],
+                                     a_hi[2 * st + 1], b[n][2 * st], b[n][2 * st + 1]);
                 }
             }
+            /* lane (g, t4) holds rows r0 + 8 n + 2 t4 + (0, 1) of queries 16 i + g (acc 0, 1)
+               and 16 i + g + 8 (acc 2, 3) */
             #pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                wmma::store_matrix_sync(stage, acc[t][0], SLD, wmma::mem_row_major);
-                wmma::store_matrix_sync(stage + 16, acc[t][1], SLD, wmma::mem_row_major);
-                __syncwarp();
-                float v = neg_inf;
+            for (int i = 0; i < MT; ++i) {
+                float lo = neg_inf, hi = neg_inf;
                 #pragma unroll
-                for (int c = 0; c < 16; ++c) {
-                    const int col = h * 16 + ((c + j) & 15);  /* rotated: fewer bank conflicts */
-                    if (r0 + col < rows) v = fmaxf(v, stage[j * SLD + col]);
+                for (int n = 0; n < NT; ++n) {
+                    const long long col = r0 + 8 * n + 2 * t4;
+                    if (col < rows) { lo = fmaxf(lo, acc[i][n][0]); hi = fmaxf(hi, acc[i][n][2]); }
+                    if (col + 1 < rows) {
+                        lo = fmaxf(lo, acc[i][n][1]);
+                        hi = fmaxf(hi, acc[i][n][3]);
+                    }
                 }
-                best[t] = fmaxf(best[t], fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16)));
-                __syncwarp();
+                lo = fmaxf(lo, __shfl_xor_sync(0xffffffffu, lo, 1));
+                lo = fmaxf(lo, __shfl_xor_sync(0xffffffffu, lo, 2));
+                hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, 1));
+                hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, 2));
+                best_lo[i] = fmaxf(best_lo[i], lo);
+                best_hi[i] = fmaxf(best_hi[i], hi);
             }
         }
-        #pragma unroll
-        for (int t = 0; t < MT; ++t) {
-            const int qi = q0 + t * 16 + j;
-            if (h == 0 && qi < B) out[(long long)qi * groups + g] = best[t];
+        if (t4 == 0) {
+            #pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int qa = q0 + 16 * i + g, qb = qa + 8;
+                if (qa < B) out[(long long)qa * groups + grp] = best_lo[i];
+                if (qb < B) out[(long long)qb * groups + grp] = best_hi[i];
+            }
         }
     }
 }
@@ -706,9 +749,9 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
 
 
 FUSED_MIN = 2         # batches of FUSED_MIN to FUSED_MAX queries take the fused path
-FUSED_MAX = 64        # (a k + margin up to MERGE_MAX, dim a multiple of 16)
+FUSED_MAX = 64        # (a k + margin up to MERGE_MAX, dim a multiple of 64)
 FUSED_THREADS = 256   # 8 warps: fused_group_max's launch bounds
-FUSED_BLOCKS_PER_SM = 2  # resident blocks of fused_group_max at QT = 64 (128 registers)
+FUSED_BLOCKS_PER_SM = 2  # resident blocks of fused_group_max (its launch bounds' MINB)
 ROW_ALIGN = 32        # the matrix's allocation is a multiple of this many rows (fused path)
 SMALL_BATCH = 1       # up to this many queries: the one-pass scan (scan_select); more
                       # queries make it bound by shared-memory reads of the queries
@@ -780,8 +823,8 @@ def _query_tile(b: int) -> int:
 
 
 def _fused_smem(dim: int, qt: int) -> int:
-    """fused_group_max's dynamic shared memory: the padded query tile, each warp's staging."""
-    return qt * (dim + 8) * 2 + 8 * 16 * 36 * 4
+    """fused_group_max's dynamic shared memory: the padded query tile."""
+    return qt * (dim + 8) * 2
 
 
 def _aligned(rows: int) -> int:
@@ -1091,13 +1134,12 @@ class CupyStore(RowMap):
         return rows, scores, ok
 
     def _fused_ok(self, b: int) -> bool:
-        return (FUSED_MIN <= b <= FUSED_MAX and self.dim % 16 == 0
+        return (FUSED_MIN <= b <= FUSED_MAX and self.dim % 64 == 0
                 and self._fused_kernel(_query_tile(b)) is not None)
 
     def _fused_kernel(self, qt: int) -> Any:
         """fused_group_max for this dimension and query tile, compiled once; None where it
-        does not compile (NVRTC without the CUDA headers' mma.h): the GEMM path then serves
-        those batches."""
+        does not compile or load: the GEMM path then serves those batches."""
         key = (self.device_id, self.dim, qt)
         if key not in _fused_kernels:
             cp = self._cp
