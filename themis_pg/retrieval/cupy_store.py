@@ -41,6 +41,14 @@ rows against the queries in shared memory and keeps the block's best candidates,
 matrix is written; ``merge_rank`` selects from all the blocks' candidates at once (a
 ``k + margin`` above MERGE_MAX takes the GEMM path).
 
+Batches of ``FUSED_MIN`` to ``FUSED_MAX`` queries (dim a multiple of 64) take the fused path
+instead of steps 1-3: the tensor cores score a tile of queries against 8-row tiles and reduce
+the scores to group maxima in registers (``fused_group_max``), so no score block is written
+and read again; the best ``k + margin`` groups are kept, their rows scored again from the fp16
+matrix (``score_groups``), and ``merge_rank`` certifies against two bounds: the k-th exact
+score must be at least the highest maximum of a group left out + ``EPS_FUSED`` and the lowest
+rescored candidate + ``EPS_SCAN``.
+
 A warm start's rows (``load_rows``, from an index snapshot) travel through small pinned
 buffers, ``STAGE_THREADS`` threads with two of ``STAGE_BYTES`` each: a thread reads a piece of
 the file into one buffer while the other's copy to the device runs, so the file read and the
@@ -1014,7 +1022,7 @@ class CupyStore(RowMap):
         counted = self.uncertified_queries  # random queries are no one's searches
         best = self.search(queries[:1], k)[0]  # one query: the one-pass scan, merge_rank
         self.search(queries[:1], 200)  # k + margin above MERGE_MAX: the sorting rescoring
-        self.search(queries, 40)  # a batch: the GEMM path
+        self.search(queries, 40)  # a batch: the fused path (k = 200 ran the GEMM path)
         self.search(queries[:2], 40, [cursor, None])  # a paged round: the exact scan
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(queries[:1])
