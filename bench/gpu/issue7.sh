@@ -39,7 +39,7 @@ for step in $steps; do
     fused) timeout 300 python3 bench/gpu/probe_fused.py ${FUSED_ARGS:-} > "$OUT/fused.txt" \
                2>> "$LOG"
            cat "$OUT/fused.txt" ;;
-    retrieval) timeout 300 python3 bench/retrieval.py --json "$OUT/retrieval.json" \
+    retrieval) timeout 300 python3 bench/retrieval.py ${RETRIEVAL_ARGS:-} --json "$OUT/retrieval.json" \
                    > "$OUT/retrieval.md" 2>> "$LOG"
                cat "$OUT/retrieval.md" ;;
     load) pg_up
