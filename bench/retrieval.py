@@ -146,10 +146,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-numpy", action="store_true")
+    ap.add_argument("--fused-max", type=int, default=None,
+                    help="largest batch the store's fused path takes (cupy_store.FUSED_MAX)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import cupy as cp
+
+    if args.fused_max is not None:
+        from themis_pg.retrieval import cupy_store
+
+        cupy_store.FUSED_MAX = args.fused_max
 
     try:
         import torch
