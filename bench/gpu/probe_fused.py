@@ -52,6 +52,7 @@ def probe(n: int, dim: int, batches: list[int], k: int) -> None:
     store.replace_all(np.arange(n, dtype=np.int64), full)
     qs = clustered_unit(cp, max(batches), dim, 2000, seed=2)
     print(f"\n== {n:,} x {dim}, group {store._group_rows()} rows")
+    path("fused")
     if not store._fused_ok(64):
         print("the fused path is not available here (see the log)")
         return
