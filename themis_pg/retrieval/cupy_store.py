@@ -757,8 +757,9 @@ def _kernel(cp: Any, source: str, name: str, options: tuple[str, ...] = ()) -> A
 
 
 FUSED_MIN = 2         # batches of FUSED_MIN to FUSED_MAX queries take the fused path
-FUSED_MAX = 0         # (a k + margin up to MERGE_MAX, dim a multiple of 64); off until it
-                      # has been measured and tested on the GPU machine
+FUSED_MAX = 64        # (a k + margin up to MERGE_MAX, dim a multiple of 64).  H200,
+                      # 2026-12-06, 1M x 384: 0.43-0.65 ms at 2-64 queries against 0.48-0.70
+                      # by the GEMM path, but 1.85 against 1.51 at 256 (bench/gpu/probe_fused.py)
 FUSED_THREADS = 256   # 8 warps: fused_group_max's launch bounds
 FUSED_BLOCKS_PER_SM = 2  # resident blocks of fused_group_max (its launch bounds' MINB)
 ROW_ALIGN = 32        # the matrix's allocation is a multiple of this many rows (fused path)
