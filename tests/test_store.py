@@ -387,3 +387,19 @@ def test_load_rows_from_a_snapshot_file(kind, rows, tmp_path):
             f.truncate(source.offset + 4 * dim * (rows // 2))
         with pytest.raises(ValueError, match="ended early"):
             make_store(kind, dim).load_rows(got_ids, source, **staging)
+
+
+def test_hits_pairs_ids_and_scores_and_drops_padding():
+    """``hits`` maps rows to ids; rows of -1 and scores of -inf (padding where a query has
+    fewer than k hits) are dropped, in any row, and every other pair keeps its order."""
+    from themis_pg.retrieval.store import hits
+
+    ids = np.array([10, 11, 12, 13], np.int64)
+    rows = np.array([[3, 0, 1], [2, -1, -1], [1, 2, 0]], np.int64)
+    scores = np.array([[0.9, 0.5, 0.25], [0.75, -np.inf, -np.inf], [0.5, -np.inf, 0.125]],
+                      np.float32)
+    assert hits(ids, rows, scores) == [[(13, 0.9000000357627869), (10, 0.5), (11, 0.25)],
+                                       [(12, 0.75)], [(11, 0.5), (10, 0.125)]]
+    assert hits(ids, rows[:1], scores[:1]) == [[(13, float(np.float32(0.9))), (10, 0.5),
+                                                (11, 0.25)]]
+    assert hits(ids, rows[:0], scores[:0]) == []

