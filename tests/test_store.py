@@ -398,7 +398,7 @@ def test_hits_pairs_ids_and_scores_and_drops_padding():
     rows = np.array([[3, 0, 1], [2, -1, -1], [1, 2, 0]], np.int64)
     scores = np.array([[0.9, 0.5, 0.25], [0.75, -np.inf, -np.inf], [0.5, -np.inf, 0.125]],
                       np.float32)
-    assert hits(ids, rows, scores) == [[(13, 0.9000000357627869), (10, 0.5), (11, 0.25)],
+    assert hits(ids, rows, scores) == [[(13, float(np.float32(0.9))), (10, 0.5), (11, 0.25)],
                                        [(12, 0.75)], [(11, 0.5), (10, 0.125)]]
     assert hits(ids, rows[:1], scores[:1]) == [[(13, float(np.float32(0.9))), (10, 0.5),
                                                 (11, 0.25)]]
