@@ -403,20 +403,3 @@ def test_hits_pairs_ids_and_scores_and_drops_padding():
     assert hits(ids, rows[:1], scores[:1]) == [[(13, float(np.float32(0.9))), (10, 0.5),
                                                 (11, 0.25)]]
     assert hits(ids, rows[:0], scores[:0]) == []
-
-
-def test_merge_outputs_share_one_buffer():
-    """merge_rank's rows, scores and certificates are views of one buffer, so that one copy
-    brings a search's answers to the host: the views written on one side read back the same
-    from a copy of the bytes."""
-    from themis_pg.retrieval.cupy_store import _packed_bytes, _packed_views
-
-    b, k = 3, 5
-    buf = np.zeros(_packed_bytes(b, k), np.uint8)
-    rows, scores, ok = _packed_views(buf, b, k)
-    rows[:] = np.arange(b * k).reshape(b, k) - 1
-    scores[:] = np.linspace(-1, 1, b * k, dtype=np.float32).reshape(b, k)
-    ok[:] = [1, 0, 1]
-    again = _packed_views(buf.copy(), b, k)
-    assert (again[0] == rows).all() and (again[1] == scores).all() and list(again[2]) == [1, 0, 1]
-    assert again[0].dtype == np.int64 and again[1].dtype == np.float32

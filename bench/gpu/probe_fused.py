@@ -90,7 +90,7 @@ def probe(n: int, dim: int, batches: list[int], k: int) -> None:
 
     def launch() -> None:
         kernel((1, strides), (cs.FUSED_THREADS,),
-               (store._half, cp.int64(n), cp.int32(group), cp.int64(groups), q32,
+               (store._half, cp.int64(n), cp.int32(group), cp.int64(groups), q16,
                 cp.int32(b), maxima), shared_mem=smem)
 
     launch()
@@ -111,7 +111,7 @@ def probe(n: int, dim: int, batches: list[int], k: int) -> None:
                              (f"-DDIM={dim}", "-DQT=64", *options))
         variant.max_dynamic_shared_size_bytes = smem
         grid = (1, min(-(-groups // 8), per_sm * store._sms))
-        args = (store._half, cp.int64(n), cp.int32(group), cp.int64(groups), q32,
+        args = (store._half, cp.int64(n), cp.int32(group), cp.int64(groups), q16,
                 cp.int32(b), maxima)
         print(f"  variant {' '.join(options)}, {per_sm} blocks an SM: " + f"{ms(lambda: variant(grid, (cs.FUSED_THREADS,), args, shared_mem=smem)):.3f} ms")  # noqa: B023,E501
     print(f"  radix_topk of the maxima: {ms(lambda: cs.radix_topk(cp, maxima, keep)):.3f} ms")

@@ -617,28 +617,18 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned int a0, const 
 
 extern "C" __global__ void __launch_bounds__(256, MINB)
 fused_group_max(const __half* __restrict__ m, const long long rows, const int group,
-                const long long groups, const float* __restrict__ q, const int B,
+                const long long groups, const __half* __restrict__ q, const int B,
                 float* __restrict__ out) {
     extern __shared__ __align__(16) unsigned char smem[];
     __half* qs = reinterpret_cast<__half*>(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;
     const int q0 = blockIdx.x * QT;
-    /* the fp32 queries, rounded to fp16 here (as astype would), 8 values a thread a step */
     for (int i = threadIdx.x; i < QT * (DIM / 8); i += blockDim.x) {
         const int r = i / (DIM / 8), c = i % (DIM / 8);
-        __half2 h[4] = {__float2half2_rn(0.0f), __float2half2_rn(0.0f),
-                        __float2half2_rn(0.0f), __float2half2_rn(0.0f)};
-        if (q0 + r < B) {
-            const float4* src =
-                reinterpret_cast<const float4*>(q + (long long)(q0 + r) * DIM + c * 8);
-            const float4 x = src[0], y = src[1];
-            h[0] = __floats2half2_rn(x.x, x.y);
-            h[1] = __floats2half2_rn(x.z, x.w);
-            h[2] = __floats2half2_rn(y.x, y.y);
-            h[3] = __floats2half2_rn(y.z, y.w);
-        }
-        *reinterpret_cast<uint4*>(qs + r * QLD + c * 8) = *reinterpret_cast<const uint4*>(h);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (q0 + r < B) v = reinterpret_cast<const uint4*>(q + (long long)(q0 + r) * DIM)[c];
+        *reinterpret_cast<uint4*>(qs + r * QLD + c * 8) = v;
     }
     __syncthreads();
     const float neg_inf = __int_as_float(0xff800000);
@@ -847,20 +837,6 @@ def _fused_smem(dim: int, qt: int) -> int:
     return qt * (dim + 8) * 2
 
 
-def _packed_bytes(b: int, k: int) -> int:
-    """Bytes of merge_rank's outputs in one buffer: rows (int64), scores (fp32), ok (int32)."""
-    return b * (12 * k + 4)
-
-
-def _packed_views(buf: Any, b: int, k: int) -> tuple[Any, Any, Any]:
-    """(rows (b, k) int64, scores (b, k) float32, ok (b,) int32) as views of ``buf``, a
-    uint8 CuPy or NumPy array of ``_packed_bytes(b, k)``; every part starts aligned."""
-    rows = buf[: 8 * b * k].view(np.int64).reshape(b, k)
-    scores = buf[8 * b * k: 12 * b * k].view(np.float32).reshape(b, k)
-    ok = buf[12 * b * k: 12 * b * k + 4 * b].view(np.int32)
-    return rows, scores, ok
-
-
 def _aligned(rows: int) -> int:
     """``rows`` rounded up to a multiple of ROW_ALIGN."""
     return -(-rows // ROW_ALIGN) * ROW_ALIGN
@@ -1011,7 +987,7 @@ class CupyStore(RowMap):
         with cp.cuda.Device(self.device_id):
             q32 = cp.asarray(np.ascontiguousarray(queries, np.float32))
             if len(plain) == b:
-                rows, scores = self._search_certified(q32, k, to_host=True)
+                rows, scores = self._search_certified(q32, k)
             else:
                 assert filters is not None
                 rows = cp.full((b, k), -1, cp.int64)
@@ -1028,8 +1004,8 @@ class CupyStore(RowMap):
                     assert flt is not None and flt.allow is not None
                     rows[i], scores[i] = self._subset_top(
                         q32[i], flt.allow.rows_in(self, cp.asarray), k, flt)
-            rows_h = rows if isinstance(rows, np.ndarray) else cp.asnumpy(rows)
-            scores_h = scores if isinstance(scores, np.ndarray) else cp.asnumpy(scores)
+            rows_h = cp.asnumpy(rows)
+            scores_h = cp.asnumpy(scores)
         return hits(self._ids, rows_h, scores_h)
 
     def warm_up(self) -> None:
@@ -1110,11 +1086,10 @@ class CupyStore(RowMap):
         return (b <= SMALL_BATCH and keep <= SMALL_KEEP and self.dim % 8 == 0
                 and scan_rows_per_block(self._size, b, self.dim, self._sms) >= max(256, keep))
 
-    def _search_certified(self, q32: Any, k: int, to_host: bool = False) -> tuple[Any, Any]:
-        """Candidates by the one-pass scan, the fused or the GEMM path, rescored exactly; a
-        query whose answer the bound cannot certify (module doc) is answered from every row
-        within the bound of its k-th score (``_near_ties``).  (rows, scores) on the device,
-        or, with ``to_host``, possibly already as NumPy arrays."""
+    def _search_certified(self, q32: Any, k: int) -> tuple[Any, Any]:
+        """Candidates by the one-pass scan or the GEMM path, rescored exactly; a query whose
+        answer the bound cannot certify (module doc) is answered from every row within the
+        bound of its k-th score (``_near_ties``)."""
         cp = self._cp
         keep = min(k + MARGIN, self._size)
         fused = keep <= MERGE_MAX  # the usual k: merge, rescoring and certificate in one kernel
@@ -1132,12 +1107,8 @@ class CupyStore(RowMap):
             cand, approx = self._candidates_gemm(q32, keep, merged=not fused)
             eps = EPS_GEMM
         if fused:
-            rows, scores, ok, packed = self._merge_rank(q32, cand, approx, keep, k, eps, bound)
-            # the one sync and the one copy of the usual case: answers and certificates
-            host_rows, host_scores, host_ok = _packed_views(cp.asnumpy(packed), len(q32), k)
-            todo = np.flatnonzero(host_ok == 0)
-            if to_host and not len(todo):
-                return host_rows, host_scores
+            rows, scores, ok = self._merge_rank(q32, cand, approx, keep, k, eps, bound)
+            todo = np.flatnonzero(cp.asnumpy(ok) == 0)  # the one sync of the usual case
         else:
             rows, scores = self._exact_top(q32, cp.where(approx == -cp.inf, -1, cand), k)
             # No other row can beat the k-th; a query with padding (-inf) among its
@@ -1154,24 +1125,23 @@ class CupyStore(RowMap):
         return rows, scores
 
     def _merge_rank(self, q32: Any, cand: Any, approx: Any, keep: int, k: int,
-                    eps: float, bound: Any = None) -> tuple[Any, Any, Any, Any]:
+                    eps: float, bound: Any = None) -> tuple[Any, Any, Any]:
         """The best ``keep`` of each query's candidates (b, w) by approximate score, rescored
-        exactly, the best k in order: (rows, scores, ok, packed) with ok[i] = 1 where the
-        certificate holds (one kernel, ``merge_rank``; keep <= MERGE_MAX); the first three
-        are views of ``packed``, one buffer, so one copy brings them all to the host.
-        ``bound`` (b,): the highest approximate score (fused path, EPS_FUSED) of any row that
-        is no candidate."""
+        exactly, the best k in order: (rows, scores, ok) with ok[i] = 1 where the certificate
+        holds (one kernel, ``merge_rank``; keep <= MERGE_MAX).  ``bound`` (b,): the highest
+        approximate score (fused path, EPS_FUSED) of any row that is no candidate."""
         cp = self._cp
         b, w = cand.shape
-        packed = cp.empty(_packed_bytes(b, k), cp.uint8)  # downloaded at once
-        rows, scores, ok = _packed_views(packed, b, k)
+        rows = cp.empty((b, k), cp.int64)
+        scores = cp.empty((b, k), cp.float32)
+        ok = cp.empty(b, cp.int32)
         _kernel(cp, _MERGE_RANK, "merge_rank")(
             (b,), (MERGE_THREADS,),
             (cand, approx, cp.int32(w), cp.int32(keep), q32, self._full, cp.int32(self.dim),
              cp.int32(k), cp.float32(eps), cp.int32(keep >= self._size), rows, scores, ok,
              ok if bound is None else bound, cp.float32(EPS_FUSED),
              cp.int32(bound is not None)))
-        return rows, scores, ok, packed
+        return rows, scores, ok
 
     def _fused_ok(self, b: int) -> bool:
         return (FUSED_MIN <= b <= FUSED_MAX and self.dim % 64 == 0
@@ -1214,7 +1184,7 @@ class CupyStore(RowMap):
         self._fused_kernel(qt)(
             (tiles, strides), (FUSED_THREADS,),
             (self._half, cp.int64(size), cp.int32(group), cp.int64(groups),
-             cp.ascontiguousarray(q32), cp.int32(b), maxima), shared_mem=_fused_smem(dim, qt))
+             q32.astype(cp.float16), cp.int32(b), maxima), shared_mem=_fused_smem(dim, qt))
         bound = None
         if sel < groups:
             bound = cp.empty(b, cp.float32)
