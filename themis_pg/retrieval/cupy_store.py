@@ -363,9 +363,8 @@ extern "C" __global__ void exact_rank(const float* __restrict__ q, const float* 
 # rank them and write the best k, with the certificate of the module doc: ok when the k-th
 # exact score is at least the lowest kept approximate score + eps (and, with ``has_bound``,
 # at least ``bound[b] + bound_eps``: the fused path's bound on every row it did not score).
-# Before, the same took
-# about ten CuPy launches from Python (two selections and their gathers, the rescoring, a
-# reduction, the compare) and a sync for the certificate.
+# Before, the same took about ten CuPy launches from Python (two selections and their
+# gathers, the rescoring, a reduction, the compare) and a sync for the certificate.
 MERGE_MAX = 128  # most candidates one merge_rank or exact_rank block rescores (RANK_MAX)
 # Batches up to this many queries keep MERGE_MAX groups and candidates on the GEMM path, not
 # k + MARGIN: the lowest kept score falls further below the k-th, so more queries are
@@ -575,9 +574,9 @@ extern "C" __global__ void scan_select(const __half* __restrict__ m, const long 
 }
 """
 # Batches of FUSED_MIN to FUSED_MAX queries (the fused path): the scores never reach global
-# memory.  ``fused_group_max`` computes them on the tensor cores (WMMA, fp16 in, fp32
-# accumulate), a warp 32 rows x QT queries at a time, and writes only each group's maximum per
-# query; the matrix is read once per QT queries (the query tile stays in shared memory), where
+# memory.  ``fused_group_max`` computes them on the tensor cores (mma.sync, fp16 in, fp32
+# accumulate), a warp 8 x NT rows x QT queries at a time, and writes only each group's maximum
+# per query; the matrix is read once per QT queries (the query tile stays in shared memory), where
 # the GEMM path writes a fp16 score block and reads it again for the maxima.  ``radix_topk``
 # keeps the best groups and their bound (the k-th maximum: every row of the other groups
 # scores at most that, approximately), ``score_groups`` scores the kept groups' rows again
@@ -761,7 +760,8 @@ FUSED_MAX = 64        # (a k + margin up to MERGE_MAX, dim a multiple of 64).  H
                       # 2026-12-06, 1M x 384: 0.43-0.65 ms at 2-64 queries against 0.48-0.70
                       # by the GEMM path, but 1.85 against 1.51 at 256 (bench/gpu/probe_fused.py)
 FUSED_THREADS = 256   # 8 warps: fused_group_max's launch bounds
-FUSED_BLOCKS_PER_SM = 2  # resident blocks of fused_group_max (its launch bounds' MINB)
+FUSED_BLOCKS_PER_SM = 2  # fused_group_max blocks a multiprocessor in its grid (as many as
+                         # its launch bounds' MINB lets reside)
 ROW_ALIGN = 32        # the matrix's allocation is a multiple of this many rows (fused path)
 SMALL_BATCH = 1       # up to this many queries: the one-pass scan (scan_select); more
                       # queries make it bound by shared-memory reads of the queries

@@ -145,9 +145,8 @@ def hits(ids: IdArray, rows: npt.NDArray[np.int64],
          scores: npt.NDArray[np.float32]) -> list[list[Hit]]:
     """(id, score) lists from (b, k) row and score arrays; rows < 0 or scores of -inf are no
     hits.  Vectorised: a Python loop over NumPy scalars costs about 1 us each, and the pairs
-    are built by ``zip`` in C, the few padded rows filtered apart (64 x 10 hits: 73 us on the
-    2-core VM, 135 with a comprehension over every hit; at 1,024 queries this is a
-    millisecond of the search)."""
+    are built by ``zip`` in C, the few padded rows filtered apart (on the 2-core VM, 64 x 10
+    hits: 73 us, 135 with a comprehension over every hit; 1,024 x 10: 3.0 ms, 3.6 before)."""
     valid = (rows >= 0) & (scores != -np.inf)
     id_rows = ids[np.where(valid, rows, 0)].tolist()
     score_rows = scores.astype(np.float64).tolist()
